@@ -1,0 +1,123 @@
+"""Every private or non-backward-compatible torch API that trt_subgraph uses, in one place.
+
+PyTorch renames and moves these between minor versions (``cache_size_limit`` became
+``recompile_limit``, modules disappear), so each one is imported here, behind a feature
+probe where it is known to move, and nowhere else.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.registry import lookup_backend
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._guards import detect_fake_mode
+from torch._ops import HigherOrderOperator, OpOverload
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+from torch.fx.passes.tools_common import stable_topological_sort
+from torch.fx.passes.utils.fuser_utils import (
+    erase_nodes,
+    fuse_as_graphmodule,
+    insert_subgm,
+)
+
+__all__ = [
+    "CapabilityBasedPartitioner",
+    "FakeTensor",
+    "HigherOrderOperator",
+    "OpOverload",
+    "OperatorSupportBase",
+    "aot_autograd",
+    "cslt_available",
+    "cslt_compress",
+    "cslt_sparse_mm",
+    "detect_fake_mode",
+    "erase_nodes",
+    "fuse_as_graphmodule",
+    "inductor_compile_fx",
+    "insert_subgm",
+    "invoke_subgraph_op",
+    "load_compiled_artifact",
+    "make_boxed_func",
+    "stable_topological_sort",
+    "standalone_compile",
+    "symbol_range",
+]
+
+
+def inductor_compile_fx(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+    """Inductor's own differentiable compile, used for the training path."""
+    return lookup_backend("inductor")(gm, example_inputs)
+
+
+def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, dynamic: bool) -> Any:
+    """Compile one ATen subgraph with inductor into a saveable artifact (torch >= 2.8)."""
+    from torch._inductor import standalone_compile as _standalone_compile
+
+    return _standalone_compile(
+        gm,
+        example_inputs,
+        dynamic_shapes="from_example_inputs" if dynamic else "from_graph",
+    )
+
+
+def load_compiled_artifact(path: str) -> Any:
+    from torch._inductor import CompiledArtifact
+
+    return CompiledArtifact.load(path=path, format="binary")
+
+
+def invoke_subgraph_op() -> Any:
+    """The higher-order op that ``torch.compiler.nested_compile_region`` produces, if any."""
+    higher_order = getattr(torch.ops, "higher_order", None)
+    return getattr(higher_order, "invoke_subgraph", None) if higher_order else None
+
+
+def symbol_range(shape_env: Any, symbol: Any) -> tuple[int, int | None]:
+    """(lower, upper) value range of a size symbol; upper None when unbounded."""
+    bounds = (getattr(shape_env, "var_to_range", None) or {}).get(symbol)
+    if bounds is None:
+        return (0, None)
+
+    def as_int(bound: Any) -> int | None:
+        if not getattr(bound, "is_finite", True):
+            return None
+        try:
+            return int(bound)
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            return None
+
+    return (as_int(bounds.lower) or 0, as_int(bounds.upper))
+
+
+def cslt_available() -> bool:
+    """cuSPARSELt 2:4 kernels (the CUTLASS path refuses sm90, so only this one is used)."""
+    backend = getattr(torch.backends, "cusparselt", None)
+    return bool(
+        backend is not None
+        and backend.is_available()
+        and hasattr(torch, "_cslt_compress")
+        and hasattr(torch, "_cslt_sparse_mm")
+    )
+
+
+def cslt_compress(weight: torch.Tensor) -> torch.Tensor:
+    return torch._cslt_compress(weight)
+
+
+def cslt_sparse_mm(compressed: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch._cslt_sparse_mm(compressed, dense, bias=bias)
+
+
+def inductor_config_key() -> str:
+    """A stable digest of inductor's portable config: a changed setting is a changed artifact."""
+    import xxhash
+    from torch._inductor import config
+
+    save = getattr(config, "save_config_portable", None)
+    settings = save() if save else {}
+    text = "\n".join(f"{k}={settings[k]!r}" for k in sorted(settings))
+    return xxhash.xxh3_64_hexdigest(text.encode())

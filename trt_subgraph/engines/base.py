@@ -1,0 +1,94 @@
+"""The engine protocol: build once per canonical subgraph, bind per instance, run.
+
+An engine never sees module paths or node names, only a :class:`CanonicalSubgraph`, so the
+artifact it builds for one block is valid for every structurally identical block.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import operator
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.fx
+
+from .._compat import OpOverload
+
+WEIGHT, ACTIVATION, SYMINT = "weight", "activation", "symint"
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalSubgraph:
+    """A subgraph in canonical form: placeholders ``in_i``, nodes ``n_j``, meta ``val`` only."""
+
+    gm: torch.fx.GraphModule
+    input_kinds: tuple[str, ...]
+    fingerprint: str
+
+    @property
+    def placeholders(self) -> list[torch.fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    @property
+    def example_inputs(self) -> list[Any]:
+        return [n.meta["val"] for n in self.placeholders]
+
+    @property
+    def weight_positions(self) -> list[int]:
+        return [i for i, kind in enumerate(self.input_kinds) if kind == WEIGHT]
+
+    @property
+    def num_ops(self) -> int:
+        return sum(1 for n in self.gm.graph.nodes if n.op == "call_function")
+
+
+class Engine(abc.ABC):
+    """Turns canonical subgraphs into runnable artifacts."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, torch_executed_ops: frozenset[str] = frozenset()) -> None:
+        self.torch_executed_ops = torch_executed_ops
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this engine can run here, else what is missing."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the subgraph that changes the artifact: part of every cache key."""
+        return {"engine": self.name}
+
+    def is_node_supported(self, node: torch.fx.Node) -> bool:
+        """ATen and prims ops; custom-namespace ops and ``torch_executed_ops`` run in PyTorch."""
+        if node.target is operator.getitem:
+            return True
+        if not isinstance(node.target, OpOverload) or node.target.namespace not in ("aten", "prims"):
+            return False
+        names = {str(node.target), str(node.target.overloadpacket)}
+        return not names & self.torch_executed_ops
+
+    @abc.abstractmethod
+    def build(self, sub: CanonicalSubgraph, weights: list[torch.Tensor]) -> Any:
+        """Build the artifact once per fingerprint (``weights``: the first instance's)."""
+
+    def serialize(self, artifact: Any) -> bytes | None:
+        """Bytes for the disk cache, or None when this artifact cannot be persisted."""
+        return None
+
+    def deserialize(self, payload: bytes, sub: CanonicalSubgraph) -> Any:
+        raise NotImplementedError(f"{self.name} artifacts are not persisted")
+
+    @abc.abstractmethod
+    def bind(self, artifact: Any, sub: CanonicalSubgraph) -> Callable[..., tuple]:
+        """A runner for one instance; it takes every placeholder input, weights included."""
+
+
+def op_name(target: Any) -> str:
+    """``aten.addmm.default`` for an OpOverload; the qualified name for anything else."""
+    if isinstance(target, OpOverload):
+        return str(target)
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    return f"{module}.{name}" if module else name

@@ -1,0 +1,47 @@
+"""The inductor engine: one inductor compilation per unique subgraph, weights as runtime inputs.
+
+Weights stay graph inputs, so one compiled artifact serves every instance and is never stale:
+each call reads whatever the instance's parameters hold now. Artifacts persist through
+``standalone_compile``'s binary format.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+from .. import _compat
+from .base import SYMINT, CanonicalSubgraph, Engine
+
+
+class InductorEngine(Engine):
+    name = "inductor"
+
+    def settings(self) -> dict[str, Any]:
+        return {"engine": self.name, "inductor_config": _compat.inductor_config_key()}
+
+    def build(self, sub: CanonicalSubgraph, weights: list[torch.Tensor]) -> Any:
+        dynamic = any(kind == SYMINT for kind in sub.input_kinds) or any(
+            isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape)
+            for v in sub.example_inputs
+        )
+        return _compat.standalone_compile(sub.gm, sub.example_inputs, dynamic=dynamic)
+
+    def serialize(self, artifact: Any) -> bytes | None:
+        with tempfile.TemporaryDirectory(prefix="trt_subgraph_") as tmp:
+            path = os.path.join(tmp, "artifact.bin")
+            artifact.save(path=path, format="binary")
+            with open(path, "rb") as f:
+                return f.read()
+
+    def deserialize(self, payload: bytes, sub: CanonicalSubgraph) -> Any:
+        with tempfile.TemporaryDirectory(prefix="trt_subgraph_") as tmp:
+            path = os.path.join(tmp, "artifact.bin")
+            with open(path, "wb") as f:
+                f.write(payload)
+            return _compat.load_compiled_artifact(path)
+
+    def bind(self, artifact: Any, sub: CanonicalSubgraph) -> Callable[..., tuple]:
+        return artifact

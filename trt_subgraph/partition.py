@@ -1,0 +1,80 @@
+"""Split each block into engine-supported pieces and PyTorch-fallback nodes.
+
+``CapabilityBasedPartitioner`` proposes maximal cycle-free groups of supported nodes over the
+whole graph; each group is then cut at block-label boundaries. Blocks are contiguous runs in
+the graph's topological order, so each cut stays cycle-free (a path that left a piece and came
+back would have to leave the run, and a run has nothing before its end to come back from).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch.fx
+
+from ._compat import CapabilityBasedPartitioner, OperatorSupportBase
+
+# Ops that move no data: a piece made of these alone is not worth an engine call.
+_NON_COMPUTE = {
+    "aten.view.default",
+    "aten._unsafe_view.default",
+    "aten.t.default",
+    "aten.permute.default",
+    "aten.expand.default",
+    "aten.unsqueeze.default",
+    "aten.squeeze.dim",
+    "aten.alias.default",
+    "aten.detach.default",
+}
+
+
+class _Support(OperatorSupportBase):
+    def __init__(self, is_supported: Callable[[torch.fx.Node], bool]) -> None:
+        super().__init__()
+        self._is_supported = is_supported
+
+    def is_node_supported(self, submodules, node: torch.fx.Node) -> bool:
+        return node.op == "call_function" and self._is_supported(node)
+
+
+def is_compute(node: torch.fx.Node) -> bool:
+    return node.target is not operator.getitem and str(node.target) not in _NON_COMPUTE
+
+
+def find_pieces(
+    gm: torch.fx.GraphModule,
+    labels: dict[torch.fx.Node, str | None],
+    is_supported: Callable[[torch.fx.Node], bool],
+    min_block_size: int,
+) -> list[list[torch.fx.Node]]:
+    """Pieces (nodes in graph order) to hand to the engine; all other nodes run in PyTorch."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    run_of = _runs(gm, labels)
+    partitioner = CapabilityBasedPartitioner(
+        gm, _Support(is_supported), allows_single_node_partition=True
+    )
+    pieces: list[list[torch.fx.Node]] = []
+    for partition in partitioner.propose_partitions():
+        by_run: dict[int, list[torch.fx.Node]] = {}
+        for node in partition.nodes:
+            by_run.setdefault(run_of[node], []).append(node)
+        for nodes in by_run.values():
+            nodes.sort(key=order.__getitem__)
+            if sum(map(is_compute, nodes)) >= min_block_size:
+                pieces.append(nodes)
+    pieces.sort(key=lambda nodes: order[nodes[0]])
+    return pieces
+
+
+def _runs(gm: torch.fx.GraphModule, labels) -> dict[torch.fx.Node, int]:
+    """Index of the contiguous run of equal labels each call_function node belongs to."""
+    run_of: dict[torch.fx.Node, int] = {}
+    run, previous = -1, object()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        label = labels.get(node)
+        if label != previous:
+            run, previous = run + 1, label
+        run_of[node] = run
+    return run_of

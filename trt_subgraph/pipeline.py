@@ -1,0 +1,152 @@
+"""The inference pipeline on one ATen graph: split, partition, canonicalize, build, bind, assemble."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from . import runtime
+from ._compat import erase_nodes, fuse_as_graphmodule, insert_subgm, stable_topological_sort
+from .build import ArtifactStore
+from .canonicalize import canonicalize
+from .engines.base import ACTIVATION, SYMINT, WEIGHT, CanonicalSubgraph, Engine, op_name
+from .fingerprint import UnhashableArgument
+from .options import Options
+from .partition import find_pieces
+from .report import Report, SubgraphRecord, record
+from .split import assign_blocks, inline_invoke_subgraphs
+
+log = logging.getLogger("trt_subgraph")
+
+
+@dataclasses.dataclass
+class UniqueSubgraph:
+    """A unique subgraph and the real weights of each of its instances (first instance first)."""
+
+    sub: CanonicalSubgraph
+    instance_weights: list[list[torch.Tensor]]
+
+
+# Set by ``trt_subgraph.capture`` to collect what compilations saw (holds real weights).
+CAPTURE: list[list[UniqueSubgraph]] | None = None
+
+
+class Compilation:
+    """One Dynamo graph's compilation, from the backend call to the assembled forward."""
+
+    def __init__(
+        self, options: Options, engine: Engine, engine_reason: str, weight_flags: list[bool], real_inputs: list
+    ) -> None:
+        self.options = options
+        self.engine = engine
+        self.weight_flags = weight_flags
+        self.real_inputs = real_inputs
+        self.report = Report(engine=engine.name, engine_reason=engine_reason)
+        self.store = ArtifactStore(engine, options)
+
+    def __call__(self, gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
+        """The ``inference_compiler`` handed to aot_autograd; returns a boxed callable."""
+        start = time.perf_counter()
+        inline_invoke_subgraphs(gm)
+        labels, self.report.block_method = assign_blocks(gm)
+        self.report.blocks = len({label for label in labels.values() if label})
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.index_of = {p: i for i, p in enumerate(placeholders)}
+        pieces = find_pieces(gm, labels, self.engine.is_node_supported, self.options.min_block_size)
+        records: dict[str, SubgraphRecord] = {}
+        unique: dict[str, UniqueSubgraph] = {}
+        for number, nodes in enumerate(pieces):
+            self._replace_piece(gm, number, nodes, records, unique)
+        stable_topological_sort(gm)
+        gm.recompile()
+        self.report.subgraphs = list(records.values())
+        self.report.fallback_ops = dict(collections.Counter(
+            op_name(n.target) for n in gm.graph.nodes
+            if n.op == "call_function" and op_name(n.target) != "_operator.getitem"
+        ))
+        forward = self._assemble(gm, fake_inputs)
+        self.report.compile_s = time.perf_counter() - start
+        record(self.report)
+        if CAPTURE is not None:
+            CAPTURE.append(list(unique.values()))
+        return forward
+
+    def _input_kind(self, node: torch.fx.Node) -> str:
+        val = node.meta.get("val")
+        if isinstance(val, (torch.SymInt, int)):
+            return SYMINT
+        if node.op == "get_attr":
+            return WEIGHT
+        if node.op == "placeholder" and self.weight_flags[self.index_of[node]]:
+            return WEIGHT
+        return ACTIVATION
+
+    def _real_value(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+        if node.op == "get_attr":
+            return getattr(gm, node.target)
+        return self.real_inputs[self.index_of[node]]
+
+    def _replace_piece(self, gm, number, nodes, records, unique) -> None:
+        name = f"piece_{number}"
+        sub_gm, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, always_return_tuple=True)
+        kinds = [self._input_kind(n) for n in inputs]
+        try:
+            sub = canonicalize(sub_gm, kinds)
+        except UnhashableArgument as exc:
+            log.warning("trt_subgraph: %s runs in PyTorch: %s", name, exc)
+            return
+        weights = [self._real_value(gm, n) for n, kind in zip(inputs, kinds) if kind == WEIGHT]
+        rec = records.get(sub.fingerprint)
+        if rec is None:
+            rec = records[sub.fingerprint] = SubgraphRecord(fingerprint=sub.fingerprint, nodes=sub.num_ops)
+            unique[sub.fingerprint] = UniqueSubgraph(sub, [])
+            self._artifact(sub, weights, rec)
+        rec.instances += 1
+        unique[sub.fingerprint].instance_weights.append(weights)
+        insert_subgm(gm, sub_gm, inputs, outputs, nodes[-1])
+        erase_nodes(gm, nodes)
+        setattr(gm, name, runtime.PieceRunner(sub, self._bind(sub, rec)))
+
+    def _artifact(self, sub: CanonicalSubgraph, weights: list[torch.Tensor], rec: SubgraphRecord) -> None:
+        try:
+            rec.artifact, rec.status, rec.build_s = self.store.get(sub, weights)
+        except Exception as exc:  # one piece failing must not take the model down
+            rec.status, rec.error, rec.artifact = "fallback", f"{type(exc).__name__}: {exc}", None
+            log.warning(
+                "trt_subgraph: engine %r failed to build subgraph %s (%d ops): %s; running it in PyTorch",
+                self.engine.name, sub.fingerprint, sub.num_ops, rec.error,
+            )
+
+    def _bind(self, sub: CanonicalSubgraph, rec: SubgraphRecord) -> Callable[..., Any]:
+        if rec.artifact is None:
+            return sub.gm
+        try:
+            return self.engine.bind(rec.artifact, sub)
+        except Exception as exc:
+            log.warning("trt_subgraph: binding subgraph %s failed (%s); running it in PyTorch", sub.fingerprint, exc)
+            return sub.gm
+
+    def _assemble(self, gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
+        def forward(args: list) -> Any:
+            return gm(*args)
+
+        forward._boxed_call = True  # type: ignore[attr-defined]
+        blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
+        if blocker is not None:
+            self.report.cudagraphs = f"off ({blocker})"
+            return forward
+        static = [i for i, is_weight in enumerate(self.weight_flags) if is_weight]
+        graphed = runtime.CUDAGraphForward(forward, static)
+        self.report.cudagraphs = "on"
+
+        def graphed_forward(args: list) -> Any:
+            return graphed(args)
+
+        graphed_forward._boxed_call = True  # type: ignore[attr-defined]
+        graphed_forward.cudagraph = graphed  # type: ignore[attr-defined]
+        return graphed_forward
