@@ -6,6 +6,7 @@ probe where it is known to move, and nowhere else.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -18,11 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.tools_common import stable_topological_sort
-from torch.fx.passes.utils.fuser_utils import (
-    erase_nodes,
-    fuse_as_graphmodule,
-    insert_subgm,
-)
+from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule
+from torch.fx.passes.utils.fuser_utils import insert_subgm as _insert_subgm
 
 __all__ = [
     "CapabilityBasedPartitioner",
@@ -46,6 +44,17 @@ __all__ = [
     "standalone_compile",
     "symbol_range",
 ]
+
+
+_INSERT_TAKES_POINT = "insertion_point" in inspect.signature(_insert_subgm).parameters
+
+
+def insert_subgm(gm, sub_gm, orig_inputs, orig_outputs, insertion_point) -> Any:
+    """torch >= 2.13 takes an insertion point; older versions insert after the last output
+    (the caller re-sorts the graph topologically afterwards either way)."""
+    if _INSERT_TAKES_POINT:
+        return _insert_subgm(gm, sub_gm, orig_inputs, orig_outputs, insertion_point)
+    return _insert_subgm(gm, sub_gm, orig_inputs, orig_outputs)
 
 
 def inductor_compile_fx(gm: torch.fx.GraphModule, example_inputs: list) -> Any:

@@ -15,6 +15,10 @@ import torch
 log = logging.getLogger("trt_subgraph")
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class PieceRunner(torch.nn.Module):
     """One instance of a unique subgraph inside the assembled graph."""
 
@@ -28,7 +32,7 @@ class PieceRunner(torch.nn.Module):
         try:
             out = self.runner(*args)
         except Exception as exc:
-            if self.runner is self.canonical or torch.cuda.is_current_stream_capturing():
+            if self.runner is self.canonical or _capturing():
                 raise
             # An engine that fails at run time is replaced by PyTorch for good, loudly.
             log.warning("trt_subgraph: subgraph %s failed in its engine (%s: %s); running it in PyTorch",

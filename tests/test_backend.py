@@ -1,0 +1,344 @@
+"""End-to-end behaviour of the backend on CPU, always compared with eager PyTorch."""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trt_subgraph
+from trt_subgraph.bench import models
+
+TIGHT = dict(rtol=1e-5, atol=1e-5)
+
+
+def compiled(model, **options):
+    options.setdefault("engine", "eager")
+    return torch.compile(model, backend="trt_subgraph", options=options)
+
+
+def run_both(model, inputs, **options):
+    with torch.no_grad():
+        expected = model(*inputs)
+        actual = compiled(model, **options)(*inputs)
+    return actual, expected
+
+
+def fresh_like(inputs):
+    return tuple(torch.randint_like(x, 0, 100) if not x.is_floating_point() else torch.randn_like(x) for x in inputs)
+
+
+def by_instances(report):
+    return sorted((s.instances for s in report.subgraphs), reverse=True)
+
+
+@pytest.mark.parametrize("engine", ["eager", "inductor"])
+def test_mlp_matches_eager(engine):
+    model, inputs = models.build("mlp", width=16, batch=4)
+    actual, expected = run_both(model, fresh_like(inputs), engine=engine)
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert report.engine == engine and report.totals["builds"] >= 1
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
+def test_encoder_builds_the_block_once(norm_first):
+    model, inputs = models.build("encoder", depth=12, width=32, batch=2, seq=8, norm_first=norm_first)
+    actual, expected = run_both(model, fresh_like(inputs))
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    totals = report.totals
+    assert report.block_method == "nn_module_stack" and report.blocks == 12
+    assert by_instances(report)[0] == 12
+    assert all(s.instances == 1 for s in report.subgraphs[1:] if s.instances != 12)
+    assert totals["builds"] == totals["unique_subgraphs"]
+    assert totals["reuses"] == 11
+    assert totals["fallback_nodes"] == 0
+
+
+def test_encoder_with_inductor_engine_compiles_the_block_once():
+    model, inputs = models.build("encoder", depth=4, width=32, batch=2, seq=8)
+    actual, expected = run_both(model, fresh_like(inputs), engine="inductor", cache_dir=None)
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert by_instances(report)[0] == 4 and report.totals["reuses"] == 3
+    assert all(s.status == "built" for s in report.subgraphs)
+
+
+def test_vit_like():
+    model, inputs = models.build("vit", depth=3, width=32, batch=2, image=32)
+    actual, expected = run_both(model, (torch.randn_like(inputs[0]),))
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert by_instances(report)[0] == 3 and report.totals["reuses"] == 2
+
+
+def test_resnet_first_block_of_each_stage_differs():
+    model, inputs = models.build("resnet", depth=(3, 4, 6, 3), width=8, batch=2, image=32)
+    actual, expected = run_both(model, (torch.randn_like(inputs[0]),))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    report = trt_subgraph.last_report()
+    assert report.blocks == 16
+    # Blocks 2..n of each stage share a fingerprint; each first block (downsample) is unique.
+    repeated = sorted(s.instances for s in report.subgraphs if s.instances > 1)
+    assert repeated == [2, 2, 3, 5]
+    assert report.totals["reuses"] == 12 - 4
+
+
+def test_llama_like_decoder_with_rope_and_causal_attention():
+    model, inputs = models.build("decoder", depth=4, width=64, batch=2, seq=16)
+    actual, expected = run_both(model, fresh_like(inputs))
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    assert by_instances(trt_subgraph.last_report())[0] == 4
+
+
+@torch.library.custom_op("trt_subgraph_tests::scale", mutates_args=())
+def scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x * factor
+
+
+@scale.register_fake
+def _(x, factor):
+    return torch.empty_like(x)
+
+
+@torch.compiler.disable
+def host_side_step(x):
+    return x + 1
+
+
+class BreakAndCustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = scale(torch.relu(self.a(x)), 0.5)
+        x = host_side_step(x)  # graph break
+        return torch.tanh(self.b(x))
+
+
+def test_graph_break_and_an_op_the_engine_does_not_support():
+    model = BreakAndCustomOp().eval()
+    actual, expected = run_both(model, (torch.randn(4, 8),))
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    reports = trt_subgraph.reports()[-2:]
+    assert len(reports) == 2, "the graph break gives two compiled graphs"
+    assert reports[0].fallback_ops == {"trt_subgraph_tests.scale.default": 1}
+    assert reports[0].totals["fallback_nodes"] == 1
+    assert reports[1].fallback_ops == {}
+
+
+def test_torch_executed_ops_run_in_pytorch():
+    model, inputs = models.build("encoder", depth=2, width=32, batch=2, seq=8)
+    actual, expected = run_both(model, inputs, torch_executed_ops={"aten.gelu"})
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    assert trt_subgraph.last_report().fallback_ops.get("aten.gelu.default") == 2
+
+
+class RegionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+
+    @torch.compiler.nested_compile_region
+    def forward(self, x):
+        return x + F.gelu(self.fc(self.norm(x)))
+
+
+def test_nested_compile_region_blocks():
+    model = nn.Sequential(*[RegionBlock() for _ in range(5)]).eval()
+    actual, expected = run_both(model, (torch.randn(3, 16),))
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert report.block_method == "invoke_subgraph"
+    assert by_instances(report) == [5] and report.totals["reuses"] == 4
+
+
+def test_dynamic_batch_does_not_recompile_and_keeps_blocks_shared():
+    model, inputs = models.build("encoder", depth=3, width=32, batch=2, seq=8)
+    fn = torch.compile(model, backend="trt_subgraph", dynamic=True, options={"engine": "inductor", "cache_dir": None})
+    with torch.no_grad():
+        for batch in (2, 5, 7):
+            x = torch.randint(0, 100, (batch, 8))
+            torch.testing.assert_close(fn(x), model(x), **TIGHT)
+    assert len(trt_subgraph.reports()) == 1, "one compilation serves every batch size"
+    report = trt_subgraph.last_report()
+    assert by_instances(report)[0] == 3 and report.cudagraphs.startswith("off")
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _check(fn, model, x):
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), model(x), **TIGHT)
+
+
+def test_weights_are_never_stale():
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    fn = compiled(model)
+    x = torch.randn(4, 8)
+    _check(fn, model, x)
+    with torch.no_grad():
+        model.layers[0][0].weight.data.copy_(torch.randn(8, 8))  # .data bypasses the version counter
+    _check(fn, model, x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.layers[1][0].weight.grad = torch.randn(8, 8)
+    optimizer.step()
+    _check(fn, model, x)
+    model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+    _check(fn, model, x)
+    model.layers[1][0].weight = nn.Parameter(torch.randn(8, 8))  # replaced tensor
+    _check(fn, model, x)
+
+
+def test_second_instance_of_the_same_class_gets_its_own_weights():
+    torch.manual_seed(0)
+    first, second = TwoLayers().eval(), TwoLayers().eval()
+    x = torch.randn(4, 8)
+    fn_first, fn_second = compiled(first, engine="inductor"), compiled(second, engine="inductor")
+    _check(fn_first, first, x)
+    _check(fn_second, second, x)
+    assert not torch.allclose(first(x), second(x))
+
+
+def test_another_model_with_the_same_block_reuses_the_built_engine():
+    shallow, inputs = models.build("encoder", depth=2, width=32, batch=2, seq=8)
+    deep, _ = models.build("encoder", depth=5, width=32, batch=2, seq=8, seed=1)
+    for model in (shallow, deep):
+        actual, expected = run_both(model, inputs, engine="inductor", cache_dir=None)
+        torch.testing.assert_close(actual, expected, **TIGHT)
+    block = max(trt_subgraph.last_report().subgraphs, key=lambda s: s.instances)
+    assert block.instances == 5 and block.status == "memory_hit"
+
+
+def test_grad_path_is_differentiable_and_matches_eager(caplog):
+    torch.manual_seed(0)
+    model = TwoLayers()
+    reference = TwoLayers()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 8)
+    with caplog.at_level(logging.WARNING, logger="trt_subgraph"):
+        out = compiled(model, engine="inductor")(x)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TIGHT)
+    assert "gradients are enabled" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"engnie": "eager"}, "unknown option(s) ['engnie']; valid options are"),
+        ({"engine": "tvm"}, "'engine' must be one of ['auto', 'eager', 'inductor', 'tensorrt']"),
+        ({"sparsity": "yes"}, "'sparsity' must be one of ['auto', 'on', 'off']"),
+        ({"cudagraphs": "no"}, "'cudagraphs' must be a bool"),
+        ({"min_block_size": 0}, "'min_block_size' must be an int >= 1"),
+        ({"cache_dir": 3}, "'cache_dir' must be a path or None"),
+        ({"torch_executed_ops": "aten.gelu"}, "'torch_executed_ops' must be a collection"),
+    ],
+)
+def test_bad_options_raise_value_error(options, message):
+    fn = torch.compile(TwoLayers(), backend="trt_subgraph", options=options)
+    with pytest.raises(Exception) as info:
+        fn(torch.randn(2, 8))
+    # Dynamo wraps backend errors in BackendCompilerFailed and keeps ours as inner_exception.
+    assert isinstance(getattr(info.value, "inner_exception", info.value), ValueError)
+    assert message in str(info.value)
+
+
+def test_engine_build_failure_falls_back_with_a_warning(monkeypatch, caplog):
+    from trt_subgraph.engines.eager import EagerEngine
+
+    def broken(self, sub, weights):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(EagerEngine, "build", broken)
+    model, inputs = models.build("encoder", depth=2, width=32, batch=2, seq=8)
+    with caplog.at_level(logging.WARNING, logger="trt_subgraph"):
+        actual, expected = run_both(model, inputs)
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert {s.status for s in report.subgraphs} == {"fallback"}
+    assert "no kernel for you" in caplog.text and "running it in PyTorch" in caplog.text
+
+
+def test_engine_failure_at_run_time_falls_back(monkeypatch, caplog):
+    from trt_subgraph.engines.eager import EagerEngine
+
+    def bind(self, artifact, sub):
+        def runner(*args):
+            raise RuntimeError("engine crashed")
+        return runner
+
+    monkeypatch.setattr(EagerEngine, "bind", bind)
+    model, inputs = models.build("mlp", width=16, batch=4)
+    with caplog.at_level(logging.WARNING, logger="trt_subgraph"):
+        actual, expected = run_both(model, inputs)
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    assert "engine crashed" in caplog.text
+
+
+def test_report_is_json_and_readable():
+    model, inputs = models.build("encoder", depth=2, width=32, batch=2, seq=8)
+    run_both(model, inputs)
+    report = trt_subgraph.last_report()
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["engine"] == "eager"
+    for key in ("unique_subgraphs", "builds", "reuses", "fallback_nodes", "compile_s"):
+        assert key in data["totals"]
+    for sub in data["subgraphs"]:
+        assert len(sub["fingerprint"]) == 32 and sub["status"] in ("built", "memory_hit", "disk_hit")
+        assert sub["instances"] >= 1 and sub["nodes"] >= 1 and sub["build_s"] >= 0
+    text = str(report)
+    assert "fingerprint" in text and data["subgraphs"][0]["fingerprint"] in text
+
+
+def test_backend_works_without_importing_the_package():
+    code = (
+        "import torch, sys\n"
+        "assert 'trt_subgraph' in torch._dynamo.list_backends()\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(m, backend='trt_subgraph', options={'engine': 'eager'})(torch.ones(2, 4))\n"
+        "    assert torch.allclose(y, m(torch.ones(2, 4)))\n"
+        "assert 'trt_subgraph' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_private_torch_import_is_in_the_compat_module():
+    package = pathlib.Path(trt_subgraph.__file__).parent
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("torch._")]
+    assert offenders == []
