@@ -130,3 +130,13 @@ def inductor_config_key() -> str:
     settings = save() if save else {}
     text = "\n".join(f"{k}={settings[k]!r}" for k in sorted(settings))
     return xxhash.xxh3_64_hexdigest(text.encode())
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Raise Dynamo's per-code-object recompile limit (``cache_size_limit`` before torch 2.7)."""
+    import torch._dynamo.config as config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+            return

@@ -30,7 +30,9 @@ def trt_subgraph_backend(
 ) -> Any:
     """Compile one Dynamo graph. ``options``: see :class:`trt_subgraph.options.Options`."""
     opts = Options.from_user(options, mode)
-    engine, reason = engines.select(opts.engine, torch_executed_ops=opts.torch_executed_ops)
+    engine, reason = engines.select(
+        opts.engine, torch_executed_ops=opts.torch_executed_ops, sparsity=opts.sparsity
+    )
     if torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
     ):

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from . import runtime
+from . import runtime, sparse_runtime
 from ._compat import erase_nodes, fuse_as_graphmodule, insert_subgm, stable_topological_sort
 from .build import ArtifactStore
 from .canonicalize import canonicalize
@@ -52,6 +52,8 @@ class Compilation:
     def __call__(self, gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
         """The ``inference_compiler`` handed to aot_autograd; returns a boxed callable."""
         start = time.perf_counter()
+        blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
+        sparse_weights = self._apply_sparsity(gm, cudagraphs=blocker is None)
         inline_invoke_subgraphs(gm)
         labels, self.report.block_method = assign_blocks(gm)
         self.report.blocks = len({label for label in labels.values() if label})
@@ -69,12 +71,29 @@ class Compilation:
             op_name(n.target) for n in gm.graph.nodes
             if n.op == "call_function" and op_name(n.target) != "_operator.getitem"
         ))
-        forward = self._assemble(gm, fake_inputs)
+        forward = self._assemble(gm, blocker, sparse_weights)
         self.report.compile_s = time.perf_counter() - start
         record(self.report)
         if CAPTURE is not None:
             CAPTURE.append(list(unique.values()))
         return forward
+
+    def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> bool:
+        """Route 2:4 linears to cuSPARSELt (inductor engine); True when any layer runs sparse."""
+        if self.engine.name != "inductor" or self.options.sparsity == "off":
+            self.report.sparsity = {"mode": self.options.sparsity}
+            return False
+        layers = sparse_runtime.rewrite_linears(
+            gm, self.real_inputs, self.weight_flags, self.options.sparsity, cudagraphs,
+            cache_dir=self.options.disk_cache_dir,
+        )
+        self.report.sparsity = {
+            "mode": self.options.sparsity,
+            "eligible": [layer["layer"] for layer in layers if layer["eligible"]],
+            "sparse": [layer["layer"] for layer in layers if layer["sparse"]],
+            "layers": layers,
+        }
+        return bool(self.report.sparsity["sparse"])
 
     def _input_kind(self, node: torch.fx.Node) -> str:
         val = node.meta.get("val")
@@ -131,17 +150,18 @@ class Compilation:
             log.warning("trt_subgraph: binding subgraph %s failed (%s); running it in PyTorch", sub.fingerprint, exc)
             return sub.gm
 
-    def _assemble(self, gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
+    def _assemble(self, gm: torch.fx.GraphModule, blocker: str | None, sparse: bool) -> Callable[[list], Any]:
         def forward(args: list) -> Any:
             return gm(*args)
 
         forward._boxed_call = True  # type: ignore[attr-defined]
-        blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
         if blocker is not None:
             self.report.cudagraphs = f"off ({blocker})"
             return forward
         static = [i for i, is_weight in enumerate(self.weight_flags) if is_weight]
-        graphed = runtime.CUDAGraphForward(forward, static)
+        # Replays run no Python: compressed 2:4 weights are refreshed before each one.
+        refresh = sparse_runtime.SPARSE_WEIGHTS.refresh_all if sparse else None
+        graphed = runtime.CUDAGraphForward(forward, static, before_replay=refresh)
         self.report.cudagraphs = "on"
 
         def graphed_forward(args: list) -> Any:

@@ -1,9 +1,9 @@
 """The assembled forward: engine calls plus PyTorch fallback ops, optionally one CUDA graph.
 
 Weights are graph inputs, so torch-native engines read the current values on every call. Under
-a CUDA graph the weights are static inputs: replays read their memory in place (so in-place
-updates are seen), and a changed address (a replaced parameter, ``load_state_dict`` with
-``assign=True``) re-records the graph.
+a CUDA graph the weights are static inputs: replays read their memory in place, and a changed
+address or version counter (a replaced parameter, ``load_state_dict``, an in-place update under
+``no_grad``) re-records the graph.
 """
 from __future__ import annotations
 
@@ -59,8 +59,14 @@ def cudagraph_blocker(example_inputs: Sequence[Any]) -> str | None:
 class CUDAGraphForward:
     """Replays the whole forward as one CUDA graph; weights are static, activations copied in."""
 
-    def __init__(self, forward: Callable[[list], Any], static_positions: Sequence[int]) -> None:
+    def __init__(
+        self,
+        forward: Callable[[list], Any],
+        static_positions: Sequence[int],
+        before_replay: Callable[[], Any] | None = None,
+    ) -> None:
         self.forward = forward
+        self.before_replay = before_replay
         self.static_positions = list(static_positions)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed: str | None = None
@@ -69,12 +75,16 @@ class CUDAGraphForward:
     def __call__(self, args: list) -> Any:
         if self.failed is not None:
             return self.forward(list(args))
-        addresses = [args[i].data_ptr() for i in self.static_positions]
+        # A changed address or version counter (replaced or updated weight) re-records: engines
+        # that hold their own copy of the weights (TensorRT) refit while recording.
+        addresses = [(args[i].data_ptr(), args[i]._version) for i in self.static_positions]
         if self.graph is None or addresses != self.addresses:
             if not self._record(args, addresses):
                 return self.forward(list(args))
         for i, static in self.copy_in:
             static.copy_(args[i])
+        if self.before_replay is not None:
+            self.before_replay()
         self.graph.replay()
         return [o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs]
 

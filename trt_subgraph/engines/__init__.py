@@ -25,7 +25,9 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
-def select(name: str, *, torch_executed_ops: frozenset[str] = frozenset()) -> tuple[Engine, str]:
+def select(
+    name: str, *, torch_executed_ops: frozenset[str] = frozenset(), sparsity: str = "auto"
+) -> tuple[Engine, str]:
     """The engine for an ``engine`` option, and why; ``auto`` is announced once per reason."""
     if name == "auto":
         reason = _tensorrt_unavailable()
@@ -46,6 +48,8 @@ def select(name: str, *, torch_executed_ops: frozenset[str] = frozenset()) -> tu
                     "Install the extra with `pip install trt_subgraph[tensorrt]` on a CUDA machine, "
                     "or pick engine='inductor'."
                 )
+    if chosen == "tensorrt":
+        return engine_class(chosen)(torch_executed_ops=torch_executed_ops, sparse=sparsity != "off"), why
     return engine_class(chosen)(torch_executed_ops=torch_executed_ops), why
 
 

@@ -47,6 +47,7 @@ class Engine(abc.ABC):
     """Turns canonical subgraphs into runnable artifacts."""
 
     name: ClassVar[str]
+    namespaces: ClassVar[tuple[str, ...]] = ("aten", "prims", "trt_subgraph")
 
     def __init__(self, *, torch_executed_ops: frozenset[str] = frozenset()) -> None:
         self.torch_executed_ops = torch_executed_ops
@@ -61,10 +62,10 @@ class Engine(abc.ABC):
         return {"engine": self.name}
 
     def is_node_supported(self, node: torch.fx.Node) -> bool:
-        """ATen and prims ops; custom-namespace ops and ``torch_executed_ops`` run in PyTorch."""
+        """ATen, prims and our own ops; other custom ops and ``torch_executed_ops`` run in PyTorch."""
         if node.target is operator.getitem:
             return True
-        if not isinstance(node.target, OpOverload) or node.target.namespace not in ("aten", "prims"):
+        if not isinstance(node.target, OpOverload) or node.target.namespace not in self.namespaces:
             return False
         names = {str(node.target), str(node.target.overloadpacket)}
         return not names & self.torch_executed_ops

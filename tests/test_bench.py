@@ -1,0 +1,315 @@
+"""Tests of the benchmark models and the `trt-subgraph bench` tool (CPU, tiny sizes).
+
+The end-to-end tests spawn real case processes (one per case, as the tool does), with the
+eager backend and torch.compile's "eager" backend to stay fast; inductor is not needed to
+test the plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from trt_subgraph.bench import add_cli, cli, models, output, runner
+from trt_subgraph.bench.backends import find_blocks
+
+SMALL = dict(depth=2, width=32, batch=2, seq=8, image=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def test_build_rejects_unknown_model_listing_allowed_names():
+    with pytest.raises(ValueError, match="unknown model 'bert'; allowed: encoder, vit, resnet, decoder, mlp"):
+        models.build("bert")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(name="encoder", depth=0), "depth must be a positive int"),
+        (dict(name="encoder", width=48, heads=5), "divisible by heads"),
+        (dict(name="vit", image=36), "divisible by patch 8"),
+        (dict(name="resnet", depth=(1, 2)), "4 ints"),
+        (dict(name="mlp", dtype="float64"), "allowed: float32, float16, bfloat16"),
+    ],
+)
+def test_build_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        models.build(**kwargs)
+
+
+@pytest.mark.parametrize(("name", "norm_first"), [(m, True) for m in models.MODELS] + [("encoder", False)])
+def test_small_models_match_between_eager_and_compiled(name, norm_first):
+    model, inputs = models.build(name, norm_first=norm_first, seed=3, **SMALL)
+    assert not model.training
+    # Fresh random inputs of the same kind as the example inputs.
+    x = inputs[0]
+    fresh = torch.randint_like(x, 0, 1000) if not x.is_floating_point() else torch.randn_like(x)
+    with torch.no_grad():
+        ref = model(fresh)
+        torch.compiler.reset()
+        out = torch.compile(model, backend="eager")(fresh)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_build_is_deterministic_and_seed_dependent():
+    a, xa = models.build("decoder", **SMALL, seed=1)
+    b, xb = models.build("decoder", **SMALL, seed=1)
+    c, _ = models.build("decoder", **SMALL, seed=2)
+    assert torch.equal(xa[0], xb[0])
+    for (k, va), vb, vc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(a.layers[0].q_proj.weight, c.layers[0].q_proj.weight)
+
+
+def test_build_dtype_casts_weights_and_float_inputs_only():
+    model, (ids,) = models.build("encoder", **{**SMALL, "seq": 4}, dtype="bfloat16")
+    assert ids.dtype == torch.int64
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    _, (img,) = models.build("resnet", depth=1, width=8, batch=2, image=32, dtype=torch.float16)
+    assert img.dtype == torch.float16
+
+
+def test_find_blocks_finds_the_repeated_blocks():
+    enc, _ = models.build("encoder", **{**SMALL, "depth": 3})
+    assert find_blocks(enc) == list(enc.layers)
+    res, _ = models.build("resnet", depth=(1, 2, 1, 3), width=8, batch=2, image=32)
+    blocks = find_blocks(res)
+    assert len(blocks) == 7 and all(isinstance(b, models.Bottleneck) for b in blocks)
+    # The first block of each stage downsamples (a different structure); the others do not.
+    assert [b.downsample is not None for b in res.layer4] == [True, False, False]
+    mlp, _ = models.build("mlp", width=16, batch=2)
+    assert find_blocks(mlp) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the tool
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    data = json.loads((out_dir / "results.json").read_text())
+    assert set(data["meta"]) >= {"machine", "date", "versions", "config"}
+    return data["results"]
+
+
+def test_tiny_sweep_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["--models", "encoder", "--backends", "eager,compile:eager", "--depths", "1,2",
+                   "--width", "16", "--batch", "2", "--seq", "8", "--device", "cpu", "--repeats", "3",
+                   "--warmup", "1", "--out", str(out)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "[1/4] encoder depth=1 eager ... " in captured.err and "[4/4]" in captured.err
+    assert "== encoder ==" in captured.out
+
+    rows = _rows(out)
+    assert [(r["depth"], r["backend"]) for r in rows] == [
+        (1, "eager"), (1, "compile:eager"), (2, "eager"), (2, "compile:eager")]
+    for r in rows:
+        assert r["status"] == "ok", r.get("error")
+        assert r["blocks"] == r["depth"]
+        assert r["first_call_s"] > 0 and r["peak_mem_mb"] > 0
+        assert r["latency_ms_p10"] <= r["latency_ms_median"] <= r["latency_ms_p90"]
+        assert r["timer"] == "perf_counter" and r["mem_kind"] == "process_max_rss"
+        assert r["rel_err"] < 1e-5  # same fp32 weights and inputs as the reference
+        assert r["sizes"] == {"depth": r["depth"], "width": 16, "batch": 2, "seq": 8}
+
+    md = (out / "results.md").read_text()
+    assert md.startswith("# trt-subgraph bench")
+    assert "- Machine: " in md and "torch " + torch.__version__ in md and "## encoder" in md
+    assert sum(line.startswith("| 2 | compile:eager |") for line in md.splitlines()) == 1
+
+    pngs = [out / "first_call.png", out / "latency.png"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        for p in pngs:
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "![first_call](first_call.png)" in md
+    else:
+        assert not any(p.exists() for p in pngs)
+    assert not (out / "logs").exists()  # logs are kept for failed cases only
+
+
+HELPERS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def make(depth=2, width=8, batch=1):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+        return model, (torch.randn(batch, width),)
+
+    def broken(**kwargs):
+        raise RuntimeError("factory exploded")
+
+    def slow(**kwargs):
+        import time
+        time.sleep(120)
+    """
+)
+
+
+@pytest.fixture
+def helper_module(tmp_path, monkeypatch):
+    (tmp_path / "bench_helpers.py").write_text(HELPERS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    return "bench_helpers"
+
+
+def test_factory_model_works_and_a_failing_backend_is_an_error_row(tmp_path, helper_module, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["--model", f"{helper_module}:make", "--backends", "eager,compile:no_such_backend",
+                   "--depths", "3", "--width", "12", "--device", "cpu", "--repeats", "2", "--warmup", "0",
+                   "--out", str(out)])
+    assert rc == 0
+    ok, bad = _rows(out)
+    assert ok["backend"] == "eager" and ok["status"] == "ok", ok.get("error")
+    # depth and width reached the factory: 3 Linear(12, 12) blocks.
+    assert ok["blocks"] == 3 and ok["params"] == 3 * (12 * 12 + 12)
+    assert ok["rel_err"] == 0.0
+    assert bad["backend"] == "compile:no_such_backend" and bad["status"] == "error"
+    assert "compile: InvalidBackend" in bad["error"] and "no_such_backend" in bad["error"]
+    assert "no_such_backend" in (out / "results.md").read_text()
+    assert "InvalidBackend" in (out / bad["log"]).read_text() and "log" not in ok
+    assert "error: compile: InvalidBackend" in capsys.readouterr().out
+
+
+def test_a_factory_that_raises_is_an_error_row(helper_module):
+    cfg = runner.Config(models=[f"{helper_module}:broken"], backends=["eager"], device="cpu", dtype="float32")
+    (case,) = runner.cases(cfg)
+    row = runner.run_case(case, trt_cache_dir="/nonexistent", timeout=120)
+    assert row["status"] == "error" and "build: RuntimeError: factory exploded" in row["error"]
+
+
+def test_timeout_becomes_a_row_and_kills_the_case(helper_module):
+    cfg = runner.Config(models=[f"{helper_module}:slow"], backends=["eager"], device="cpu",
+                        dtype="float32", timeout=3)
+    (case,) = runner.cases(cfg)
+    row = runner.run_case(case, trt_cache_dir="/nonexistent", timeout=3)
+    assert row["status"] == "timeout" and "timed out after 3s" in row["error"]
+    assert row["wall_s"] < 30
+
+
+def test_warm_cache_runs_trt_subgraph_twice_sharing_only_its_cache(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None):
+        seen.append((case.backend, case.variant, case.depth, trt_cache_dir))
+        return {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant,
+                "status": "ok", "wall_s": 0.0}
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    cfg = runner.Config(models=["encoder"], backends=["inductor", "trt_subgraph"], device="cpu",
+                        dtype="float32", depths=[2, 4], warm_cache=True)
+    data = runner.run_sweep(cfg, stream=open(os.devnull, "w"))
+    assert [(b, v, d) for b, v, d, _ in seen] == [
+        ("inductor", "cold", 2), ("trt_subgraph", "cold", 2), ("trt_subgraph", "warm", 2),
+        ("inductor", "cold", 4), ("trt_subgraph", "cold", 4), ("trt_subgraph", "warm", 4)]
+    dirs = [s[3] for s in seen]
+    assert dirs[1] == dirs[2] and dirs[4] == dirs[5]
+    assert len({dirs[0], dirs[1], dirs[3], dirs[4]}) == 4
+    assert not any(Path(d).exists() for d in dirs)  # cleaned up
+    assert "trt_subgraph (warm)" in output.markdown(data)
+
+
+def test_append_merges_runs_and_refuses_incomparable_settings(monkeypatch, tmp_path):
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None):
+        return {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant,
+                "status": "ok", "wall_s": 0.0, "first_call_s": float(case.depth), "machine": "test machine",
+                "latency_ms_median": 2.0, "latency_ms_p10": 1.0, "latency_ms_p90": 3.0}
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    devnull = open(os.devnull, "w")
+    out = tmp_path / "out"
+
+    def cfg(**kw):
+        base = dict(models=["encoder"], backends=["inductor", "trt_subgraph"], device="cpu", dtype="float32",
+                    out=out, append=True)
+        return runner.Config(**{**base, **kw})
+
+    runner.run_sweep(cfg(depths=[8, 32], command="first"), stream=devnull)
+    # A second run adds depth 4 and redoes depth 32 for one backend only.
+    runner.run_sweep(cfg(depths=[4, 32], backends=["trt_subgraph"], command="second"), stream=devnull)
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["depth"], r["backend"]) for r in data["results"]] == [
+        (4, "trt_subgraph"), (8, "inductor"), (8, "trt_subgraph"), (32, "inductor"), (32, "trt_subgraph")]
+    assert data["meta"]["commands"] == ["first", "second"]
+    md = (out / "results.md").read_text()
+    assert "`first`" in md and "`second`" in md
+
+    with pytest.raises(ValueError, match="dtype differs"):
+        runner.run_sweep(cfg(depths=[2], dtype="bfloat16"), stream=devnull)
+    assert len(json.loads((out / "results.json").read_text())["results"]) == 5  # untouched
+
+
+def test_cpu_defaults_are_small_and_cuda_defaults_are_the_issue_sizes():
+    cpu = runner.Config(models=["encoder", "vit", "mlp"], backends=["eager"], device="cpu", dtype="float32")
+    got = {(c.model, c.depth): c.spec["model_kwargs"] for c in runner.cases(cpu)}
+    assert got[("encoder", 2)] == {"width": 64, "batch": 2, "seq": 16, "depth": 2}
+    assert got[("vit", 4)] == {"width": 64, "batch": 2, "image": 32, "depth": 4}
+    assert got[("mlp", None)] == {"width": 64, "batch": 2}
+    gpu = runner.Config(models=["decoder"], backends=["eager"], device="cuda", dtype="float16")
+    (case,) = runner.cases(gpu)
+    assert case.depth is None and case.spec["model_kwargs"] == {}
+    assert runner._sizes(case) == {"depth": 16, "width": 2048, "batch": 4, "seq": 512}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--backends", "eager,tensorrt"], "unknown backend 'tensorrt'; allowed: eager, inductor"),
+        (["--models", "bert"], "unknown model 'bert'; allowed: encoder"),
+        (["--depths", "2,x"], "--depths must be comma-separated positive ints"),
+        (["--trt-options", "engine"], "expected key=value pairs"),
+        (["--device", "tpu"], "allowed: cpu, cuda, cuda:N"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_trt_options_are_parsed_with_types():
+    assert cli.parse_kv("engine=inductor, sparsity=auto,cudagraphs=false,min_block_size=3,cache_dir=none") == {
+        "engine": "inductor", "sparsity": "auto", "cudagraphs": False, "min_block_size": 3, "cache_dir": None}
+
+
+def test_add_cli_registers_the_bench_subcommand():
+    parser = argparse.ArgumentParser(prog="trt-subgraph")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--models", "vit", "--depths", "2,4", "--warm-cache"])
+    assert args.func is cli.run and args.models == "vit" and args.warm_cache
+    cfg = cli.config_from_args(args)
+    assert cfg.depths == [2, 4] and cfg.models == ["vit"]
+
+
+def test_sparse_case_prunes_before_the_reference():
+    from trt_subgraph.bench import _case
+
+    spec = {"model": "encoder", "model_kwargs": {"depth": 2, "width": 16, "batch": 2, "seq": 4},
+            "backend": "eager", "device": "cpu", "dtype": "float32", "warmup": 0, "repeats": 2,
+            "sparse": True, "seed": 0}
+    res = _case.run_case(spec)
+    assert res["status"] == "ok", res.get("error")
+    assert res["pruned_layers"] == 2 * 4  # qkv, proj, fc1, fc2 of each block
+    assert res["rel_err"] == 0.0  # the fp32 reference is the pruned model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
+def test_cuda_case_without_cuda_is_an_error_row():
+    from trt_subgraph.bench import _case
+
+    spec = {"model": "mlp", "model_kwargs": {"width": 8, "batch": 2}, "backend": "eager", "device": "cuda",
+            "dtype": "float16", "warmup": 0, "repeats": 1, "seed": 0}
+    res = _case.run_case(spec)
+    assert res["status"] == "error" and "torch.cuda.is_available() is False" in res["error"]

@@ -1,0 +1,104 @@
+"""The disk cache seen through the backend: warm second processes, concurrency, faults, keys."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import torch
+
+import trt_subgraph
+from trt_subgraph import build
+from trt_subgraph.bench import models
+from trt_subgraph.cache import DiskCache
+
+CHILD = r"""
+import json, sys, torch, trt_subgraph
+from trt_subgraph.bench import models
+model, inputs = models.build("encoder", depth=3, width=32, batch=2, seq=8)
+with torch.no_grad():
+    out = torch.compile(model, backend="trt_subgraph", options={"engine": "inductor", "cache_dir": sys.argv[1]})(*inputs)
+    err = (out - model(*inputs)).abs().max().item()
+r = trt_subgraph.last_report().to_dict()
+print(json.dumps({"totals": r["totals"], "statuses": [s["status"] for s in r["subgraphs"]], "err": err}))
+"""
+
+
+def run_children(cache_dir, n=1):
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CHILD, str(cache_dir)], stdout=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_second_process_starts_warm(tmp_path):
+    (cold,) = run_children(tmp_path / "c")
+    (warm,) = run_children(tmp_path / "c")
+    assert cold["totals"]["builds"] == cold["totals"]["unique_subgraphs"] >= 2
+    assert warm["totals"]["builds"] == 0
+    assert set(warm["statuses"]) == {"disk_hit"}
+    assert cold["err"] < 1e-5 and warm["err"] < 1e-5
+
+
+def test_concurrent_processes_build_each_subgraph_once(tmp_path):
+    results = run_children(tmp_path / "c", n=4)
+    unique = results[0]["totals"]["unique_subgraphs"]
+    assert sum(r["totals"]["builds"] for r in results) == unique
+    assert sum(r["totals"]["disk_hits"] for r in results) == 3 * unique
+    assert all(r["err"] < 1e-5 for r in results)
+
+
+def compile_encoder(cache_dir, **options):
+    model, inputs = models.build("encoder", depth=3, width=32, batch=2, seq=8)
+    torch.compiler.reset()
+    build.clear_memory_cache()
+    with torch.no_grad():
+        out = torch.compile(
+            model, backend="trt_subgraph", options={"engine": "inductor", "cache_dir": cache_dir, **options}
+        )(*inputs)
+        torch.testing.assert_close(out, model(*inputs), rtol=1e-5, atol=1e-5)
+    return trt_subgraph.last_report()
+
+
+def test_damaged_entries_are_dropped_and_rebuilt(tmp_path, caplog):
+    cache_dir = tmp_path / "c"
+    first = compile_encoder(cache_dir)
+    entries = DiskCache(cache_dir).entries()
+    assert len(entries) == first.totals["unique_subgraphs"]
+    for info in entries:  # flip one payload byte in every entry
+        data = bytearray(info.path.read_bytes())
+        data[-10] ^= 0xFF
+        info.path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        second = compile_encoder(cache_dir)
+    assert {s.status for s in second.subgraphs} == {"built"}
+    assert "checksum" in caplog.text.lower() or "damaged" in caplog.text.lower()
+    assert len(DiskCache(cache_dir).entries()) == len(entries), "rebuilt entries were written back"
+    third = compile_encoder(cache_dir)
+    assert {s.status for s in third.subgraphs} == {"disk_hit"}
+
+
+def test_changed_setting_or_version_misses(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "c"
+    compile_encoder(cache_dir)
+    assert {s.status for s in compile_encoder(cache_dir).subgraphs} == {"disk_hit"}
+    monkeypatch.setattr(torch._inductor.config, "max_autotune_pointwise", True)
+    assert {s.status for s in compile_encoder(cache_dir).subgraphs} == {"built"}
+    monkeypatch.undo()
+    monkeypatch.setattr(build, "__version__", "999.0")
+    assert {s.status for s in compile_encoder(cache_dir).subgraphs} == {"built"}
+
+
+def test_cache_can_be_turned_off(tmp_path):
+    report = compile_encoder(None)
+    assert {s.status for s in report.subgraphs} == {"built"}
+    report = compile_encoder(tmp_path / "c", cache=False)
+    assert not (tmp_path / "c").exists()

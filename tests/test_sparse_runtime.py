@@ -1,0 +1,471 @@
+"""2:4 linears through cuSPARSELt: the graph rewrite, the decisions, the op and its compressed weights.
+
+CPU tests pretend cuSPARSELt is available (``unavailable_reason`` patched) so the rewrite happens;
+the op's CPU path is a dense reference with the sparse kernel's output layout. CUDA tests run the
+real kernels and are skipped without a GPU.
+"""
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import trt_subgraph
+from trt_subgraph import _compat
+from trt_subgraph import sparse_runtime as sr
+from trt_subgraph.backend import _is_weight
+from trt_subgraph.runtime import CUDAGraphForward
+from trt_subgraph.sparsity import analyze_weight, mask_2_4, prune_2_4
+
+FP16 = dict(rtol=2e-2, atol=2e-2)
+OP = torch.ops.trt_subgraph.sparse_linear.default
+
+
+def on_cuda(test):
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    sr.SPARSE_WEIGHTS.clear()
+    sr._DECISIONS.clear()
+    yield
+    sr.SPARSE_WEIGHTS.clear()
+    sr._DECISIONS.clear()
+
+
+@pytest.fixture
+def available(monkeypatch):
+    """Pretend cuSPARSELt runs here, so the CPU tests see the rewrite."""
+    monkeypatch.setattr(sr, "unavailable_reason", lambda device: None)
+
+
+class Three(nn.Module):
+    """2:4 linear with bias on a 3-D input, 2:4 linear without bias, dense linear."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.a = nn.Linear(width, 32)
+        self.b = nn.Linear(32, 48, bias=False)
+        self.c = nn.Linear(48, 16)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.a(x))))
+
+
+def three(dtype=torch.float16, device="cpu") -> Three:
+    torch.manual_seed(0)
+    model = Three().to(device, dtype).eval()
+    prune_2_4(model, layers=["a", "b"])
+    return model
+
+
+def compile_with_rewrite(model, mode, *, cudagraphs=True, engine="eager", cache_dir=None, graphed=False):
+    """torch.compile through aot_autograd with `rewrite_linears` on the inference graph, as the
+    pipeline calls it. Returns (compiled model, info) with the records and the rewritten graph."""
+    info = {}
+
+    def backend(gm, example_inputs):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        flags = [_is_weight(p, x) for p, x in zip(placeholders, example_inputs)]
+
+        def inference(aot_gm, fake_inputs):
+            info["code_before"] = aot_gm.code
+            info["records"] = sr.rewrite_linears(aot_gm, list(example_inputs), flags, mode, cudagraphs,
+                                                 cache_dir=cache_dir)
+            info["gm"] = aot_gm
+            if engine == "inductor":
+                artifact = _compat.standalone_compile(aot_gm, fake_inputs, dynamic=False)
+                forward = lambda args: artifact(*args)  # noqa: E731
+            else:
+                forward = lambda args: aot_gm(*args)  # noqa: E731
+            if graphed:
+                graph = info["cudagraph"] = CUDAGraphForward(forward, [i for i, f in enumerate(flags) if f])
+
+                def forward(args):  # what the lead's runtime does before each replay
+                    sr.SPARSE_WEIGHTS.refresh_all()
+                    return graph(args)
+
+            forward._boxed_call = True
+            return forward
+
+        return _compat.aot_autograd(fw_compiler=inference, inference_compiler=inference)(gm, example_inputs)
+
+    return torch.compile(model, backend=backend, dynamic=False), info
+
+
+def ops(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def by_layer(records) -> dict:
+    return {r["layer"]: r for r in records}
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: pattern matching and decisions
+
+
+def test_on_rewrites_only_2_4_half_linears_and_matches_eager(available):
+    model = three()
+    compiled, info = compile_with_rewrite(model, "on")
+    x = torch.randn(2, 8, 64, dtype=torch.float16)
+    with torch.no_grad():
+        compiled(x)
+        fresh = torch.randn(2, 8, 64, dtype=torch.float16)
+        actual = compiled(fresh)
+        expected = model.float()(fresh.float())
+    torch.testing.assert_close(actual.float(), expected, **FP16)
+
+    records = by_layer(info["records"])
+    assert set(records) == {"a", "b", "c"}
+    assert records["a"] == {"layer": "a", "shape": [32, 64], "M": 16, "eligible": True, "sparse": True,
+                            "reason": None, "dense_ms": None, "sparse_ms": None}
+    assert records["b"]["sparse"] and records["b"]["shape"] == [48, 32]
+    assert not records["c"]["eligible"] and not records["c"]["sparse"]
+    assert records["c"]["reason"].startswith("not 2:4 sparse")
+
+    gm = info["gm"]
+    assert ops(gm).count(OP) == 2
+    assert ops(gm).count(torch.ops.aten.addmm.default) == 1  # c
+    assert torch.ops.aten.mm.default not in ops(gm)  # b was the only mm
+    for node in (n for n in gm.graph.nodes if n.target is OP):
+        weight = node.args[1]
+        assert weight.op == "placeholder"
+        assert list(node.meta["nn_module_stack"].values())[-1][1] is nn.Linear
+        val = node.meta["val"]
+        assert val.shape == (16, weight.meta["val"].shape[0]) and val.stride() == (1, 16)
+
+
+def test_fp32_and_unpruned_weights_are_not_rewritten(available):
+    model = three(dtype=torch.float32)
+    compiled, info = compile_with_rewrite(model, "on")
+    with torch.no_grad():
+        compiled(torch.randn(2, 8, 64))
+    records = by_layer(info["records"])
+    assert [r["eligible"] for r in records.values()] == [False, False, False]
+    assert "dtype float32" in records["a"]["reason"] and "not 2:4" not in records["a"]["reason"]
+    assert "dtype float32" in records["c"]["reason"] and "not 2:4" in records["c"]["reason"]
+    assert OP not in ops(info["gm"]) and info["gm"].code == info["code_before"]
+
+
+def test_shape_cusparselt_cannot_take_is_not_eligible(available):
+    torch.manual_seed(0)
+    model = nn.Linear(64, 40).half()  # N = 40 is not a multiple of 16
+    prune_2_4(model)
+    compiled, info = compile_with_rewrite(model, "on")
+    with torch.no_grad():
+        compiled(torch.randn(16, 64, dtype=torch.float16))
+    (record,) = info["records"]
+    assert not record["eligible"] and "multiples of 16" in record["reason"]
+    assert OP not in ops(info["gm"])
+
+
+def test_without_cusparselt_the_graph_is_untouched():
+    compiled, info = compile_with_rewrite(three(), "on")  # real availability: CPU tensors
+    with torch.no_grad():
+        compiled(torch.randn(2, 8, 64, dtype=torch.float16))
+    records = by_layer(info["records"])
+    assert records["a"]["eligible"] and records["b"]["eligible"] and not records["c"]["eligible"]
+    assert not any(r["sparse"] for r in records.values())
+    assert records["a"]["reason"].startswith("cuSPARSELt unavailable")
+    assert info["gm"].code == info["code_before"]
+
+
+def test_off_reports_eligibility_and_rewrites_nothing(available):
+    compiled, info = compile_with_rewrite(three(), "off")
+    with torch.no_grad():
+        compiled(torch.randn(2, 8, 64, dtype=torch.float16))
+    records = by_layer(info["records"])
+    assert records["a"]["eligible"] and records["a"]["reason"] == "sparsity off"
+    assert info["gm"].code == info["code_before"]
+
+
+class Twins(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(64, 64)
+        self.second = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def twins() -> Twins:
+    torch.manual_seed(0)
+    model = Twins().half().eval()
+    prune_2_4(model)
+    return model
+
+
+def test_auto_measures_each_shape_once_and_keeps_it_on_disk(available, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_measure(m, k, n, dtype, device, bias):
+        calls.append((m, k, n, dtype, bias))
+        return 1.0, 0.5
+
+    monkeypatch.setattr(sr, "measure", fake_measure)
+    compiled, info = compile_with_rewrite(twins(), "auto", cache_dir=tmp_path)
+    with torch.no_grad():
+        compiled(torch.randn(32, 64, dtype=torch.float16))
+    assert calls == [(32, 64, 64, torch.float16, True)]  # two layers, one shape
+    assert [(r["sparse"], r["dense_ms"], r["sparse_ms"]) for r in info["records"]] == [(True, 1.0, 0.5)] * 2
+    assert ops(info["gm"]).count(OP) == 2
+    saved = json.loads((tmp_path / sr.DECISIONS_FILE).read_text())
+    assert list(saved.values()) == [{"dense_ms": 1.0, "sparse_ms": 0.5}]
+
+    # A new process: nothing in memory, the file answers.
+    sr._DECISIONS.clear()
+    torch.compiler.reset()
+    monkeypatch.setattr(sr, "measure", lambda *a: pytest.fail("measured again despite the decisions file"))
+    compiled, info = compile_with_rewrite(twins(), "auto", cache_dir=tmp_path)
+    with torch.no_grad():
+        compiled(torch.randn(32, 64, dtype=torch.float16))
+    assert all(r["sparse"] for r in info["records"])
+
+
+@pytest.mark.parametrize("dense_ms", [1.02, 0.8])
+def test_auto_keeps_dense_unless_sparse_is_clearly_faster(available, monkeypatch, dense_ms):
+    monkeypatch.setattr(sr, "measure", lambda *a: (dense_ms, 1.0))
+    compiled, info = compile_with_rewrite(twins(), "auto")
+    with torch.no_grad():
+        compiled(torch.randn(32, 64, dtype=torch.float16))
+    assert [r["sparse"] for r in info["records"]] == [False, False]
+    assert info["records"][0]["reason"].startswith("measured not faster")
+    assert OP not in ops(info["gm"])
+
+
+def test_auto_without_cudagraphs_does_not_measure(available, monkeypatch):
+    monkeypatch.setattr(sr, "measure", lambda *a: pytest.fail("measured without CUDA graphs"))
+    compiled, info = compile_with_rewrite(twins(), "auto", cudagraphs=False)
+    with torch.no_grad():
+        compiled(torch.randn(32, 64, dtype=torch.float16))
+    assert [r["reason"].startswith("CUDA graphs off") for r in info["records"]] == [True, True]
+    assert OP not in ops(info["gm"])
+
+
+class Flatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 32)
+
+    def forward(self, x):  # (B, S, 64) -> (B, S*32): a view the transposed layout cannot take
+        h = self.lin(x)
+        return torch.relu(h).flatten(1), h.sum(-1)
+
+
+def test_views_the_new_layout_cannot_take_get_a_contiguous_clone(available):
+    torch.manual_seed(0)
+    model = Flatten().half().eval()
+    prune_2_4(model)
+    compiled, info = compile_with_rewrite(model, "on")
+    x = torch.randn(2, 8, 64, dtype=torch.float16)
+    with torch.no_grad():
+        actual = compiled(x)
+        expected = model.float()(x.float())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.float(), e, **FP16)
+    assert ops(info["gm"]).count(OP) == 1 and torch.ops.aten.clone.default in ops(info["gm"])
+
+
+def test_inductor_compiles_the_rewritten_graph_with_the_declared_layout(available):
+    """Inductor trusts the fake impl's strides: a wrong declaration gives wrong numbers here."""
+    torch.manual_seed(0)
+    model = Flatten().half().eval()
+    prune_2_4(model)
+    compiled, info = compile_with_rewrite(model, "on", engine="inductor")
+    x = torch.randn(2, 8, 64, dtype=torch.float16)
+    with torch.no_grad():
+        actual = compiled(x)
+        expected = model.float()(x.float())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.float(), e, **FP16)
+    assert OP in ops(info["gm"])
+
+
+def test_rewrite_rejects_bad_arguments():
+    gm = torch.fx.symbolic_trace(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="one of"):
+        sr.rewrite_linears(gm, [torch.randn(4)], [False], "sometimes", True)
+    with pytest.raises(ValueError, match="one real input and one weight flag per placeholder"):
+        sr.rewrite_linears(gm, [], [], "on", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the op and the registry
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 64), (0, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_cpu_reference_is_linear_with_the_declared_layout(shape, bias):
+    x, w = torch.randn(*shape), torch.randn(32, 64)
+    b = torch.randn(32) if bias else None
+    y = sr.sparse_linear(x, w, b)
+    torch.testing.assert_close(y, F.linear(x, w, b))
+    meta = sr.sparse_linear(x.to("meta"), w.to("meta"), b.to("meta") if bias else None)
+    assert meta.shape == y.shape and meta.stride() == y.stride()
+    assert torch.library.opcheck(sr.sparse_linear, (x, w, b))["test_faketensor"] == "SUCCESS"
+
+
+def counting_registry():
+    compressions = []
+
+    def compress(w):
+        compressions.append(w.data_ptr())
+        return w * 2  # stands in for cuSPARSELt's packed form
+
+    return sr.SparseWeights(compress), compressions
+
+
+def test_registry_compresses_once_per_weight_value():
+    registry, compressions = counting_registry()
+    w = nn.Parameter(torch.randn(16, 16), requires_grad=False)
+    first = registry.get(w)
+    assert registry.get(w) is first and len(compressions) == 1
+    assert registry.get(w.detach()) is first  # an alias of the same memory
+    with torch.no_grad():
+        w.mul_(0.5)
+    again = registry.get(w)
+    assert again is first and len(compressions) == 2  # same buffer, new contents
+    torch.testing.assert_close(again, w * 2)
+
+
+def test_refresh_all_updates_in_place_and_drops_freed_weights():
+    registry, compressions = counting_registry()
+    keep = nn.Parameter(torch.randn(16, 16), requires_grad=False)
+    gone = torch.randn(16, 16)
+    buffer, _ = registry.get(keep), registry.get(gone)
+    ptr = buffer.data_ptr()
+    assert registry.refresh_all() is False and len(compressions) == 2  # nothing changed
+    with torch.no_grad():
+        keep.add_(1)
+    del gone
+    gc.collect()
+    assert registry.refresh_all() is True  # `gone` was freed: graphs using it must re-record
+    assert len(registry) == 1 and len(compressions) == 3
+    assert buffer.data_ptr() == ptr
+    torch.testing.assert_close(buffer, keep * 2)
+
+
+def test_data_copy_is_invisible_until_a_forced_refresh():
+    registry, _ = counting_registry()
+    w = nn.Parameter(torch.randn(16, 16), requires_grad=False)
+    buffer = registry.get(w)
+    w.data.copy_(torch.ones(16, 16))  # .data has its own version counter
+    registry.refresh_all()
+    assert not torch.equal(buffer, w * 2)
+    registry.refresh_all(force=True)
+    torch.testing.assert_close(buffer, w * 2)
+
+
+def test_new_address_gets_a_new_buffer():
+    registry, _ = counting_registry()
+    lin = nn.Linear(16, 16)
+    old = registry.get(lin.weight)
+    lin.weight = nn.Parameter(torch.randn(16, 16))
+    new = registry.get(lin.weight)
+    assert new is not old
+    torch.testing.assert_close(new, lin.weight.detach() * 2)
+    assert registry.refresh_all() is False  # the old source is alive and unmoved: kept
+    assert len(registry) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: real kernels
+
+
+def pruned_half_weight(n, k):
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    return nn.Parameter(w * mask_2_4(w, kind="linear"), requires_grad=False)
+
+
+@pytest.mark.parametrize("rows", [(4, 128), (10,), (1,)])
+@pytest.mark.parametrize("bias", [True, False])
+@on_cuda
+def test_op_matches_dense_on_cuda(rows, bias):
+    w = pruned_half_weight(256, 512)
+    assert analyze_weight(w, kind="linear").eligible
+    x = torch.randn(*rows, 512, device="cuda", dtype=torch.float16)
+    b = torch.randn(256, device="cuda", dtype=torch.float16) if bias else None
+    y = sr.sparse_linear(x, w, b)
+    torch.testing.assert_close(y, F.linear(x, w, b), **FP16)
+    meta = sr.sparse_linear(x.to("meta"), w.to("meta"), b.to("meta") if bias else None)
+    assert meta.stride() == y.stride()
+
+
+@on_cuda
+def test_cuda_graph_replay_sees_in_place_update_after_refresh():
+    w = pruned_half_weight(256, 512)
+    x = torch.randn(1024, 512, device="cuda", dtype=torch.float16)
+    sr.sparse_linear(x, w, None)  # compress outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sr.sparse_linear(x, w, None)
+    with torch.no_grad():
+        w.mul_(0.5)  # keeps the 2:4 pattern
+    sr.SPARSE_WEIGHTS.refresh_all()
+    graph.replay()
+    torch.testing.assert_close(out, F.linear(x, w), **FP16)
+
+
+@on_cuda
+def test_inductor_in_a_cuda_graph_matches_and_follows_weight_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512)).cuda().half().eval()
+    prune_2_4(model)
+    compiled, info = compile_with_rewrite(model, "on", engine="inductor", graphed=True)
+    x = torch.randn(8, 256, 512, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        compiled(x)
+        torch.testing.assert_close(compiled(x), model(x), **FP16)
+        assert info["cudagraph"].graph is not None
+        assert ops(info["gm"]).count(OP) == 2
+        model[0].weight.mul_(0.5)  # in place: same address, replay must see it
+        torch.testing.assert_close(compiled(x), model(x), **FP16)
+        model[2].weight = nn.Parameter(model[2].weight * -1)  # new address: re-recorded
+        torch.testing.assert_close(compiled(x), model(x), **FP16)
+        assert info["cudagraph"].records == 2
+
+
+@on_cuda
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="timings asserted for Hopper")
+def test_auto_picks_sparse_for_a_large_gemm_and_dense_for_a_small_one(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(2048, 5632, bias=False).cuda().half().eval()
+    prune_2_4(model)
+    for m, expect in [(8192, True), (512, False)]:
+        torch.compiler.reset()
+        compiled, info = compile_with_rewrite(model, "auto", cache_dir=tmp_path)
+        with torch.no_grad():
+            compiled(torch.randn(m, 2048, device="cuda", dtype=torch.float16))
+        (record,) = info["records"]
+        assert record["dense_ms"] > 0 and record["sparse_ms"] > 0
+        assert record["sparse"] is expect, record
+    assert len(json.loads((tmp_path / sr.DECISIONS_FILE).read_text())) == 2
+
+
+@on_cuda
+def test_backend_runs_pruned_decoder_sparse_and_follows_updates():
+    """Through the real backend (needs the pipeline to call `rewrite_linears` and `refresh_all`)."""
+    from trt_subgraph.bench import models
+
+    model, inputs = models.build("decoder", depth=2, width=512, batch=4, seq=512,
+                                 dtype=torch.float16, device="cuda")
+    prune_2_4(model)
+    compiled = torch.compile(model, backend="trt_subgraph",
+                             options={"engine": "inductor", "sparsity": "on", "cache_dir": None})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), **FP16)
+        report = trt_subgraph.last_report()
+        assert report.sparsity, "the report should say which linears ran sparse"
+        assert any(r["sparse"] for r in report.sparsity.get("layers", []))
+        lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+        lin.weight.mul_(0.5)
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), **FP16)

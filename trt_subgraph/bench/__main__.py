@@ -1,0 +1,9 @@
+"""`python -m trt_subgraph.bench ...`: same as `trt-subgraph bench ...`."""
+
+from __future__ import annotations
+
+import sys
+
+from trt_subgraph.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,238 @@
+"""One benchmark case, run in a fresh process: `python -m trt_subgraph.bench._case '<json spec>'`.
+
+Why a process per case: compile times are only honest cold (no warm dynamo, inductor or
+trt_subgraph state), and a crash or hang of one backend must not take the sweep down. The
+parent gives each case empty compiler cache directories through the environment. The result
+is one JSON line on stdout prefixed with `MARKER`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+import traceback
+from typing import Any
+
+MARKER = "@@trt_subgraph.bench@@ "
+
+
+def machine_name(device: str) -> str:
+    """GPU name on CUDA, else the CPU model (what the numbers were measured on)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def load_factory(spec: str):
+    """'package.module:function' -> the function."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"--model {spec!r}: expected a built-in name or 'package.module:factory'")
+    obj: Any = importlib.import_module(mod_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"--model {spec!r}: {attr} is not callable")
+    return obj
+
+
+def _tensors(out: Any) -> list:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _flat_fp32(out: Any):
+    import torch
+
+    ts = [t.detach().float().reshape(-1) for t in _tensors(out) if t.is_floating_point()]
+    if not ts:
+        raise TypeError(f"model output has no floating-point tensor: {type(out).__name__}")
+    return torch.cat(ts)
+
+
+def rel_err(out: Any, ref) -> float:
+    """||y - ref|| / ||ref|| over all floating outputs, in fp32."""
+    y = _flat_fp32(out)
+    if y.shape != ref.shape:
+        raise ValueError(f"output has {y.numel()} elements, the reference {ref.numel()}")
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def _build(spec: dict[str, Any]):
+    """Model and inputs in fp32 on the device (weights seeded), plus facts for the row."""
+    import torch
+
+    from trt_subgraph.bench import models
+
+    name, kwargs, device = spec["model"], dict(spec.get("model_kwargs") or {}), spec["device"]
+    if name in models.MODELS:
+        model, inputs = models.build(name, dtype=torch.float32, device=device, seed=spec["seed"], **kwargs)
+    else:
+        factory = load_factory(name)
+        torch.manual_seed(spec["seed"])
+        got = factory(**kwargs)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2 and isinstance(got[0], torch.nn.Module)):
+            raise TypeError(f"factory {name} must return (nn.Module, example_inputs), got {type(got).__name__}")
+        model, inputs = got
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        model = model.eval().to(device).float()
+        inputs = tuple(t.to(device).float() if t.is_floating_point() else t.to(device) for t in inputs)
+    return model, inputs
+
+
+def run_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build, reference, compile + first call, warm up, time; returns the result row fields."""
+    phase = "import"
+    res: dict[str, Any] = {"status": "error"}
+    try:
+        import torch
+
+        from trt_subgraph.bench.backends import find_blocks, prepare
+        from trt_subgraph.bench.models import DTYPES
+
+        device = spec["device"]
+        cuda = device.startswith("cuda")
+        if cuda and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+        dtype = DTYPES[spec["dtype"]]
+        res["machine"] = machine_name(device)
+
+        def sync() -> None:
+            if cuda:
+                torch.cuda.synchronize()
+
+        with torch.no_grad():
+            phase = "build"
+            model, inputs = _build(spec)
+            res["blocks"] = len(find_blocks(model))
+            res["params"] = sum(p.numel() for p in model.parameters())
+            if spec.get("sparse"):
+                phase = "sparse"
+                try:
+                    from trt_subgraph.sparsity import prune_2_4
+                except ImportError as e:
+                    raise RuntimeError(f"--sparse needs trt_subgraph.sparsity.prune_2_4: {e}") from e
+                res["pruned_layers"] = len(prune_2_4(model).pruned)
+
+            phase = "reference"
+            ref = _flat_fp32(model(*inputs))
+            model.to(dtype)
+            inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+            sync()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+
+            phase = "compile"
+            fn, info = prepare(spec["backend"], model, dtype=dtype,
+                               trt_options=spec.get("trt_options") or {},
+                               tt_options=spec.get("tt_options") or {})
+            res.update(info)
+            phase = "first call"
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*inputs)
+            sync()
+            res["first_call_s"] = time.perf_counter() - t0
+            err_first = rel_err(out, ref)
+            del out
+            if spec["backend"] == "trt_subgraph":
+                res.update(_trt_report())
+
+            phase = "warmup"
+            for _ in range(spec["warmup"]):
+                fn(*inputs)
+            sync()
+            phase = "timing"
+            times_ms: list[float] = []
+            for _ in range(spec["repeats"]):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(*inputs)
+                    end.record()
+                    end.synchronize()
+                    times_ms.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    fn(*inputs)
+                    times_ms.append((time.perf_counter() - t0) * 1e3)
+            phase = "accuracy"
+            out = fn(*inputs)
+            sync()
+            res["rel_err"] = max(err_first, rel_err(out, ref))
+        times_ms.sort()
+        res.update(
+            latency_ms_median=_quantile(times_ms, 0.5),
+            latency_ms_p10=_quantile(times_ms, 0.1),
+            latency_ms_p90=_quantile(times_ms, 0.9),
+            timer="cuda_events" if cuda else "perf_counter",
+        )
+        if cuda:
+            res["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            res["mem_kind"] = "cuda_max_allocated"
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            res["peak_mem_mb"] = rss / (2**20 if sys.platform == "darwin" else 2**10)
+            res["mem_kind"] = "process_max_rss"
+        res["status"] = "ok"
+    except Exception as e:  # every failure becomes a row, with the phase it happened in
+        traceback.print_exc()
+        res["error"] = f"{phase}: {type(e).__name__}: {e}".strip()
+    return res
+
+
+def _trt_report() -> dict[str, Any]:
+    """trt_subgraph's report of the compilation just done (totals and engine), or why not."""
+    try:
+        import trt_subgraph
+
+        d = trt_subgraph.last_report().to_dict()
+        sparsity = d.get("sparsity") or {}
+        return {"trt_engine": d.get("engine"), "trt_totals": d.get("totals"),
+                "trt_sparse_layers": len(sparsity.get("sparse", [])),
+                "trt_cudagraphs": d.get("cudagraphs")}
+    except Exception as e:
+        return {"trt_report_error": f"{type(e).__name__}: {e}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m trt_subgraph.bench._case '<json spec>'", file=sys.stderr)
+        return 2
+    res = run_case(json.loads(argv[0]))
+    print(MARKER + json.dumps(res), flush=True)
+    return 0 if res["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

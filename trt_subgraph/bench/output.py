@@ -1,0 +1,230 @@
+"""Render sweep results: terminal table, JSON, Markdown, and PNG plots (matplotlib optional)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("depth", "backend", "first call s", "median ms", "p10-p90 ms", "peak MB", "rel err",
+           "uniq/builds/reuses", "fallback", "status")
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _series(row: dict[str, Any]) -> str:
+    return row["backend"] + (" (warm)" if row.get("variant") == "warm" else "")
+
+
+def _status(row: dict[str, Any], width: int) -> str:
+    if row.get("status") == "ok":
+        note = row.get("trt_report_error")
+        return "ok" if not note else f"ok (report: {note})"[:width]
+    err = " ".join(str(row.get("error", "")).split())
+    return f"{row.get('status', 'error')}: {err}"[:width]
+
+
+def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
+    """One table row as strings, in COLUMNS order."""
+    totals = row.get("trt_totals") or {}
+    trt = "/".join(str(totals.get(k, "?")) for k in ("unique_subgraphs", "builds", "reuses")) if totals else ""
+    spread = ""
+    if row.get("latency_ms_p10") is not None:
+        spread = f"{_num(row['latency_ms_p10'])}-{_num(row['latency_ms_p90'])}"
+    rel = row.get("rel_err")
+    return [
+        "" if row.get("depth") is None else str(row["depth"]),
+        _series(row),
+        _num(row.get("first_call_s")),
+        _num(row.get("latency_ms_median")),
+        spread,
+        _num(row.get("peak_mem_mb")),
+        "" if rel is None else f"{rel:.1e}",
+        trt,
+        "" if not totals else str(totals.get("fallback_nodes", "?")),
+        _status(row, err_width),
+    ]
+
+
+def _by_model(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["model"], []).append(r)
+    return out
+
+
+def terminal_table(data: dict[str, Any]) -> str:
+    """Fixed-width table, one block per model."""
+    lines: list[str] = []
+    for model, rows in _by_model(data["results"]).items():
+        table = [list(COLUMNS)] + [cells(r) for r in rows]
+        widths = [max(len(t[i]) for t in table) for i in range(len(COLUMNS))]
+        lines.append(f"== {model} ==")
+        for j, t in enumerate(table):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _sizes(rows: list[dict[str, Any]]) -> str:
+    sizes = {k: v for k, v in (rows[0].get("sizes") or {}).items() if k != "depth"}
+    return ", ".join(f"{k} {v}" for k, v in sizes.items())
+
+
+def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
+    """Markdown report: machine, date, versions, settings, method, one table per model, plots."""
+    meta, cfg = data["meta"], data["meta"]["config"]
+    v = meta["versions"]
+    vers = ", ".join(f"{k} {val if val else '(not installed)' if k != 'cuda' else 'none'}"
+                     for k, val in v.items())
+    timer = "CUDA events" if cfg["device"].startswith("cuda") else "time.perf_counter"
+    mem = ("torch.cuda.max_memory_allocated after the reference (PyTorch allocator only)"
+           if cfg["device"].startswith("cuda") else "the case process's max RSS (includes the fp32 reference)")
+    out = [
+        f"# {cfg.get('title') or 'trt-subgraph bench'}",
+        "",
+        f"- Machine: {meta['machine']}",
+        f"- Date: {meta['date']}",
+        f"- Versions: {vers}",
+        f"- Settings: device {cfg['device']}, dtype {cfg['dtype']}, warmup {cfg['warmup']}, "
+        f"repeats {cfg['repeats']}, seed {cfg['seed']}, 2:4 pruned: {'yes' if cfg['sparse'] else 'no'}, "
+        f"trt_subgraph options: {json.dumps(cfg['trt_options']) if cfg['trt_options'] else 'defaults'}",
+    ]
+    commands = meta.get("commands") or []
+    if commands:
+        out.append("- Command" + ("s:" if len(commands) > 1 else ":")
+                   + "".join(f"\n  `{c}`" if len(commands) > 1 else f" `{c}`" for c in commands))
+    out += [
+        "",
+        "Each case runs in a fresh process with empty inductor, triton and trt_subgraph caches. "
+        "*first call* = compile + first run (synchronized); *(warm)* rows are a second process that "
+        "reuses only the trt_subgraph disk cache of the cold run. *median* and *p10-p90*: latency of "
+        f"steady-state calls after warmup ({timer}). *peak MB*: {mem}. *rel err*: "
+        "‖y − ref‖ / ‖ref‖ in fp32 against an fp32 eager run of the same weights and inputs (worst of "
+        "the first and a steady-state call). *uniq/builds/reuses*, *fallback*: trt_subgraph's report "
+        "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch).",
+        "",
+    ]
+    for model, rows in _by_model(data["results"]).items():
+        out += [f"## {model}", ""]
+        if rows[0].get("sizes"):
+            out += [f"Sizes: {_sizes(rows)}.", ""]
+        out.append("| " + " | ".join(COLUMNS) + " |")
+        out.append("|" + "---|" * len(COLUMNS))
+        for r in rows:
+            out.append("| " + " | ".join(_md_escape(c) for c in cells(r, err_width=200)) + " |")
+        out.append("")
+    for img in images:
+        out += [f"![{Path(img).stem}]({img})", ""]
+    return "\n".join(out)
+
+
+def _x(row: dict[str, Any]) -> int | None:
+    d = row.get("depth")
+    return d if isinstance(d, int) else row.get("blocks")
+
+
+def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """first_call.png (first-call time vs depth per backend) and latency.png (median latency per
+    backend and depth, p10-p90 whiskers); [] when matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {m: [r for r in rows if r.get("status") == "ok" and _x(r) is not None]
+              for m, rows in _by_model(data["results"]).items()}
+    groups = {m: rows for m, rows in groups.items() if rows}
+    if not groups:
+        return []
+    unit = "GPU" if data["meta"]["config"]["device"].startswith("cuda") else "CPU"
+    written = []
+    n = len(groups)
+    ncols = min(n, 2)
+    nrows = (n + ncols - 1) // ncols
+    size = (5.5 * ncols + 0.5, 3.8 * nrows + 0.4)
+    # One colour per backend across all subplots and both figures.
+    names_all = list(dict.fromkeys(_series(r) for rows in groups.values() for r in rows))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names_all)}
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    for ax, (model, rows) in zip(axes.flat, groups.items()):
+        for name in dict.fromkeys(_series(r) for r in rows):
+            pts = sorted((_x(r), r["first_call_s"]) for r in rows if _series(r) == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, color=colors[name])
+        ax.set_xticks(sorted({_x(r) for r in rows}))
+        ax.set_title(model)
+        ax.set_xlabel("depth (blocks)")
+        ax.set_ylabel("first call: compile + run (s)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"Cold first-call time vs depth ({unit}, fresh process and caches)", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "first_call.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    for ax, (model, rows) in zip(axes.flat, groups.items()):
+        depths = sorted({_x(r) for r in rows})
+        names = list(dict.fromkeys(_series(r) for r in rows))
+        bar = 0.8 / len(names)
+        for k, name in enumerate(names):
+            xs, ys, lo, hi = [], [], [], []
+            for i, d in enumerate(depths):
+                r = next((r for r in rows if _series(r) == name and _x(r) == d), None)
+                if r is not None:
+                    xs.append(i + (k - (len(names) - 1) / 2) * bar)
+                    ys.append(r["latency_ms_median"])
+                    lo.append(r["latency_ms_median"] - r["latency_ms_p10"])
+                    hi.append(r["latency_ms_p90"] - r["latency_ms_median"])
+            ax.bar(xs, ys, bar, yerr=[lo, hi], capsize=2, label=name, color=colors[name])
+        ax.set_xticks(range(len(depths)), [str(d) for d in depths])
+        ax.set_title(model)
+        ax.set_xlabel("depth (blocks)")
+        lat = [r["latency_ms_median"] for r in rows]
+        if max(lat) > 20 * min(lat):  # eager vs compiled on CPU can differ by orders of magnitude
+            ax.set_yscale("log")
+        ax.set_ylabel("median latency (ms" + (", log scale)" if max(lat) > 20 * min(lat) else ")"))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"Steady-state latency per backend ({unit}, p10-p90 whiskers)", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "latency.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write_all(data: dict[str, Any], out_dir: Path, with_plots: bool = True) -> list[Path]:
+    """results.json, the PNGs (when asked and possible) and results.md into out_dir; returns the
+    paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / "results.json"
+    js.write_text(json.dumps(data, indent=1) + "\n")
+    images = plots(data, out_dir) if with_plots else []
+    md = out_dir / "results.md"
+    md.write_text(markdown(data, [p.name for p in images]))
+    return [js, md, *images]

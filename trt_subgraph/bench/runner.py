@@ -1,0 +1,351 @@
+"""The sweep: expand models x depths x backends into cases, run each in a fresh process, collect.
+
+Each case gets empty TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and TRT_SUBGRAPH_CACHE_DIR
+directories so that its first call is a true cold compile. With `warm_cache`, every
+trt_subgraph case runs a second time in a new process that shares only the
+TRT_SUBGRAPH_CACHE_DIR of the first (inductor's and triton's caches still empty): that row is
+the "warm" variant, i.e. what a second process on the same machine pays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from trt_subgraph.bench import output
+from trt_subgraph.bench._case import MARKER
+from trt_subgraph.bench.backends import check_backend
+from trt_subgraph.bench.models import DEFAULTS, DTYPES, MODELS
+
+# Small sizes so that a CPU-only user sees a result within about a minute.
+CPU_DEFAULTS: dict[str, Any] = {"width": 64, "batch": 2, "seq": 16, "image": 32, "depths": [2, 4]}
+SIZE_KEYS = ("width", "batch", "seq", "image")
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything that defines a sweep (what the CLI parsed, validated)."""
+
+    models: list[str]
+    backends: list[str]
+    device: str
+    dtype: str
+    depths: list[int] | None = None          # None: each model's default depth
+    width: int | None = None
+    batch: int | None = None
+    seq: int | None = None
+    image: int | None = None
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    repeats: int = 20
+    warmup: int = 3
+    sparse: bool = False
+    trt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warm_cache: bool = False
+    timeout: float = 900.0
+    seed: int = 0
+    out: Path | None = None
+    append: bool = False
+    title: str = "trt-subgraph bench"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("no models given; built-in: " + ", ".join(MODELS) + ", or package.module:factory")
+        for m in self.models:
+            if m not in MODELS and ":" not in m:
+                raise ValueError(f"unknown model {m!r}; allowed: {', '.join(MODELS)}, or package.module:factory")
+        if not self.backends:
+            raise ValueError("no backends given")
+        for b in self.backends:
+            check_backend(b)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"unknown device {self.device!r}; allowed: cpu, cuda, cuda:N")
+        for key in ("repeats", "warmup"):
+            v = getattr(self, key)
+            if v < (1 if key == "repeats" else 0):
+                raise ValueError(f"{key} must be >= {1 if key == 'repeats' else 0}, got {v}")
+        if self.depths is not None and any(d < 1 for d in self.depths):
+            raise ValueError(f"depths must be positive, got {self.depths}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout}")
+
+
+@dataclasses.dataclass
+class Case:
+    model: str
+    depth: int | None
+    backend: str
+    variant: str            # "cold" or "warm"
+    spec: dict[str, Any]
+
+    def label(self) -> str:
+        depth = "" if self.depth is None else f" depth={self.depth}"
+        warm = " (warm cache)" if self.variant == "warm" else ""
+        return f"{self.model}{depth} {self.backend}{warm}"
+
+
+def _model_kwargs(cfg: Config, model: str, depth: int | None) -> dict[str, Any]:
+    """Keyword arguments for models.build or the user's factory: only what was set."""
+    kw: dict[str, Any] = {k: getattr(cfg, k) for k in SIZE_KEYS if getattr(cfg, k) is not None}
+    if depth is not None:
+        kw["depth"] = depth
+    if model in MODELS and cfg.device == "cpu":
+        # Built-in models default to the GPU sizes of issue 2; on CPU use small ones.
+        for k in SIZE_KEYS:
+            kw.setdefault(k, CPU_DEFAULTS[k])
+    if model == "mlp":
+        kw.pop("depth", None)  # the MLP has no repeated blocks
+    if model in ("encoder", "decoder", "mlp"):
+        kw.pop("image", None)
+    if model in ("vit", "resnet", "mlp"):
+        kw.pop("seq", None)
+    kw.update(cfg.model_kwargs)
+    return kw
+
+
+def cases(cfg: Config) -> list[Case]:
+    """The sweep in run order: model, then depth, then backend (warm right after its cold)."""
+    out: list[Case] = []
+    for model in cfg.models:
+        depths: list[int | None]
+        if cfg.depths is not None:
+            depths = list(cfg.depths)
+        elif model in MODELS and cfg.device == "cpu":
+            depths = list(CPU_DEFAULTS["depths"])
+        else:
+            depths = [None]
+        if model == "mlp":
+            depths = [None]
+        for depth in depths:
+            for backend in cfg.backends:
+                spec = {
+                    "model": model,
+                    "model_kwargs": _model_kwargs(cfg, model, depth),
+                    "backend": backend,
+                    "device": cfg.device,
+                    "dtype": cfg.dtype,
+                    "warmup": cfg.warmup,
+                    "repeats": cfg.repeats,
+                    "sparse": cfg.sparse,
+                    "trt_options": cfg.trt_options,
+                    "tt_options": cfg.tt_options,
+                    "seed": cfg.seed,
+                }
+                out.append(Case(model, depth, backend, "cold", spec))
+                if cfg.warm_cache and backend == "trt_subgraph":
+                    out.append(Case(model, depth, backend, "warm", spec))
+    return out
+
+
+def _depth_label(case: Case) -> int | str | None:
+    if case.depth is not None:
+        return case.depth
+    if case.model in DEFAULTS:
+        d = DEFAULTS[case.model]["depth"]
+        return "-".join(map(str, d)) if isinstance(d, tuple) else d
+    return None
+
+
+def _sizes(case: Case) -> dict[str, Any]:
+    """The sizes the case really used (the model's defaults filled in for built-ins)."""
+    sizes = dict(DEFAULTS.get(case.model, {}))
+    sizes.update(case.spec["model_kwargs"])
+    return {k: v for k, v in sizes.items() if v is not None}
+
+
+def run_case(case: Case, *, trt_cache_dir: str, timeout: float, log_file: Path | None = None) -> dict[str, Any]:
+    """Run one case in a fresh interpreter; always returns a row (errors and timeouts included)."""
+    row: dict[str, Any] = {"model": case.model, "depth": _depth_label(case), "backend": case.backend,
+                           "variant": case.variant, "sizes": _sizes(case)}
+    tmp = tempfile.mkdtemp(prefix="trt_subgraph_bench_")
+    env = dict(os.environ)
+    env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+               TRT_SUBGRAPH_CACHE_DIR=trt_cache_dir)
+    cmd = [sys.executable, "-m", "trt_subgraph.bench._case", json.dumps(case.spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # own group: a timeout kills compile workers too
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        timed_out = True
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    row["wall_s"] = time.perf_counter() - t0
+    result = None
+    for line in stdout.splitlines():
+        if line.startswith(MARKER):
+            result = json.loads(line[len(MARKER):])
+    if timed_out:
+        row.update(status="timeout", error=f"timed out after {timeout:g}s")
+    elif result is None:
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        row.update(status="error", error=f"case process exited with {proc.returncode} without a result: {tail}")
+    else:
+        row.update(result)
+    if log_file is not None and row["status"] != "ok":
+        # The child's full output of a failed case, for debugging (a row keeps only the message).
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(f"spec: {json.dumps(case.spec)}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}")
+        row["log"] = f"{log_file.parent.name}/{log_file.name}"  # relative to the --out folder
+    return row
+
+
+def _progress(stream: IO[str], i: int, n: int, case: Case) -> None:
+    stream.write(f"[{i}/{n}] {case.label()} ... ")
+    stream.flush()
+
+
+def _progress_done(stream: IO[str], row: dict[str, Any]) -> None:
+    msg = "ok" if row["status"] == "ok" else f"{row['status']}: {str(row.get('error', ''))[:120]}"
+    stream.write(f"{row['wall_s']:.1f}s {msg}\n")
+    stream.flush()
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what the numbers depend on (None: not installed)."""
+    import torch
+
+    def dist(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": dist("triton"),
+        "trt_subgraph": dist("trt_subgraph"),
+        "torch_tensorrt": dist("torch_tensorrt") or dist("torch-tensorrt"),
+        "tensorrt": dist("tensorrt"),
+    }
+
+
+def _case_log_name(case: Case) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in case.label().replace(" ", "_")) + ".log"
+
+
+def _iter_runs(cfg: Config, all_cases: list[Case], stream: IO[str]) -> Iterator[dict[str, Any]]:
+    warm_dirs: dict[tuple[str, int | None], str] = {}
+    for i, case in enumerate(all_cases, start=1):
+        _progress(stream, i, len(all_cases), case)
+        key = (case.model, case.depth)
+        shared = cfg.warm_cache and case.backend == "trt_subgraph"
+        if shared and case.variant == "cold":
+            warm_dirs[key] = tempfile.mkdtemp(prefix="trt_subgraph_bench_cache_")
+        trt_dir = warm_dirs[key] if shared else tempfile.mkdtemp(prefix="trt_subgraph_bench_cache_")
+        log_file = cfg.out / "logs" / _case_log_name(case) if cfg.out else None
+        try:
+            row = run_case(case, trt_cache_dir=trt_dir, timeout=cfg.timeout, log_file=log_file)
+        finally:
+            if not shared or case.variant == "warm":
+                shutil.rmtree(trt_dir, ignore_errors=True)
+        _progress_done(stream, row)
+        yield row
+
+
+def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
+    """Run every case; returns {"meta": ..., "results": [rows]}.
+
+    With cfg.out, the outputs are rewritten after every case, so a sweep that is killed (e.g. by
+    a time limit) keeps what it finished; rerun the rest with --append.
+    """
+    stream = sys.stderr if stream is None else stream
+    previous = None
+    if cfg.append and cfg.out is not None and (cfg.out / "results.json").exists():
+        previous = json.loads((cfg.out / "results.json").read_text())
+        check_appendable(previous["meta"]["config"], _config_dict(cfg))  # before hours of work
+    started = datetime.datetime.now(datetime.timezone.utc)
+    meta: dict[str, Any] = {
+        "commands": [cfg.command] if cfg.command else [],
+        "machine": None,
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+        "config": _config_dict(cfg),
+    }
+    rows: list[dict[str, Any]] = []
+
+    def current() -> dict[str, Any]:
+        data = {"meta": meta, "results": rows}
+        return merge(previous, data) if previous else data
+
+    for row in _iter_runs(cfg, cases(cfg), stream):
+        rows.append(row)
+        meta["machine"] = meta["machine"] or row.get("machine")
+        meta["duration_s"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
+        if cfg.out is not None:  # plots only at the end: they take a while
+            output.write_all(current(), cfg.out, with_plots=False)
+    if meta["machine"] is None:
+        from trt_subgraph.bench._case import machine_name
+
+        meta["machine"] = machine_name("cpu") if cfg.device == "cpu" else cfg.device
+    data = current()
+    if cfg.out is not None:
+        written = output.write_all(data, cfg.out)
+        stream.write("wrote " + ", ".join(str(p) for p in written) + "\n")
+    return data
+
+
+def _config_dict(cfg: Config) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def check_appendable(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Rows of one results file must be comparable: same device, dtype and timing settings."""
+    for key in ("device", "dtype", "warmup", "repeats", "sparse", "trt_options", "seed"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"--append: {key} differs from the results in the --out folder "
+                             f"({old.get(key)!r} there, {new.get(key)!r} now); use another --out")
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (row["model"], str(row.get("depth")), row["backend"], row.get("variant", "cold"))
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Results of an earlier run in the same --out folder plus a new run (--append): the new rows
+    replace old rows of the same model, depth, backend and variant; meta is the new run's, with
+    the commands of both. Lets a long sweep run as several shorter commands."""
+    oc, nc = old["meta"]["config"], new["meta"]["config"]
+    check_appendable(oc, nc)
+    rows = {_row_key(r): r for r in old["results"]}
+    rows.update({_row_key(r): r for r in new["results"]})
+    meta = dict(new["meta"])
+    meta["commands"] = list(dict.fromkeys(old["meta"].get("commands", []) + new["meta"]["commands"]))
+    meta["config"] = {**nc, "models": list(dict.fromkeys(oc["models"] + nc["models"])),
+                      "backends": list(dict.fromkeys(oc["backends"] + nc["backends"]))}
+    models = {m: i for i, m in enumerate(meta["config"]["models"])}
+    backends = {b: i for i, b in enumerate(meta["config"]["backends"])}
+
+    def order(r: dict[str, Any]) -> tuple:
+        d = r.get("depth")
+        return (models.get(r["model"], len(models)), (0, d, "") if isinstance(d, int) else (1, 0, str(d)),
+                backends.get(r["backend"], len(backends)), r.get("variant") == "warm")
+
+    return {"meta": meta, "results": sorted(rows.values(), key=order)}
