@@ -53,8 +53,8 @@ class Compilation:
         """The ``inference_compiler`` handed to aot_autograd; returns a boxed callable."""
         start = time.perf_counter()
         blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
-        sparse_weights = self._apply_sparsity(gm, cudagraphs=blocker is None)
         inline_invoke_subgraphs(gm)
+        sparse_weights = self._apply_sparsity(gm, cudagraphs=blocker is None)
         labels, self.report.block_method = assign_blocks(gm)
         self.report.blocks = len({label for label in labels.values() if label})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

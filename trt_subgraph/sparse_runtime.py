@@ -150,11 +150,14 @@ def _output_like(x: torch.Tensor, n: int) -> torch.Tensor:
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a 2:4 `weight`, via cuSPARSELt on CUDA.
 
-    Off CUDA (CPU tests) and for empty inputs it computes the same product densely, as
-    ``(weight @ x.T).T``, so the result has the same layout as the sparse kernel's.
+    cuSPARSELt takes x row- or column-major (an upstream sparse linear leaves it column-major),
+    but needs M to be a multiple of 8. Otherwise, and off CUDA (CPU tests), the same product is
+    computed densely as ``(weight @ x.T).T``, with the same layout as the sparse kernel's.
     """
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    if x.is_cuda and x2.shape[0] > 0:
+    x2 = x.reshape(-1, x.shape[-1])
+    if 1 not in x2.stride():
+        x2 = x2.contiguous()
+    if x.is_cuda and x2.shape[0] % 8 == 0 and x2.shape[0] > 0:
         yt = _compat.cslt_sparse_mm(SPARSE_WEIGHTS.get(weight), x2.t(), bias)
     elif bias is not None:  # dense reference path
         yt = torch.addmm(bias.unsqueeze(1), weight, x2.t())
