@@ -48,6 +48,7 @@ class Compilation:
         self.real_inputs = real_inputs
         self.report = Report(engine=engine.name, engine_reason=engine_reason)
         self.store = ArtifactStore(engine, options)
+        self.artifacts: dict[str, Any] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
         """The ``inference_compiler`` handed to aot_autograd; returns a boxed callable."""
@@ -124,28 +125,31 @@ class Compilation:
         if rec is None:
             rec = records[sub.fingerprint] = SubgraphRecord(fingerprint=sub.fingerprint, nodes=sub.num_ops)
             unique[sub.fingerprint] = UniqueSubgraph(sub, [])
-            self._artifact(sub, weights, rec)
+            self.artifacts[sub.fingerprint] = self._artifact(sub, weights, rec)
         rec.instances += 1
         unique[sub.fingerprint].instance_weights.append(weights)
         insert_subgm(gm, sub_gm, inputs, outputs, nodes[-1])
         erase_nodes(gm, nodes)
-        setattr(gm, name, runtime.PieceRunner(sub, self._bind(sub, rec)))
+        setattr(gm, name, runtime.PieceRunner(sub, self._bind(sub, self.artifacts[sub.fingerprint])))
 
-    def _artifact(self, sub: CanonicalSubgraph, weights: list[torch.Tensor], rec: SubgraphRecord) -> None:
+    def _artifact(self, sub: CanonicalSubgraph, weights: list[torch.Tensor], rec: SubgraphRecord) -> Any:
+        """The built or cached artifact, or None when the engine failed (PyTorch runs the piece)."""
         try:
-            rec.artifact, rec.status, rec.build_s = self.store.get(sub, weights)
+            artifact, rec.status, rec.build_s = self.store.get(sub, weights)
+            return artifact
         except Exception as exc:  # one piece failing must not take the model down
-            rec.status, rec.error, rec.artifact = "fallback", f"{type(exc).__name__}: {exc}", None
+            rec.status, rec.error = "fallback", f"{type(exc).__name__}: {exc}"
             log.warning(
                 "trt_subgraph: engine %r failed to build subgraph %s (%d ops): %s; running it in PyTorch",
                 self.engine.name, sub.fingerprint, sub.num_ops, rec.error,
             )
+            return None
 
-    def _bind(self, sub: CanonicalSubgraph, rec: SubgraphRecord) -> Callable[..., Any]:
-        if rec.artifact is None:
+    def _bind(self, sub: CanonicalSubgraph, artifact: Any) -> Callable[..., Any]:
+        if artifact is None:
             return sub.gm
         try:
-            return self.engine.bind(rec.artifact, sub)
+            return self.engine.bind(artifact, sub)
         except Exception as exc:
             log.warning("trt_subgraph: binding subgraph %s failed (%s); running it in PyTorch", sub.fingerprint, exc)
             return sub.gm
