@@ -84,11 +84,9 @@ def compile_with_rewrite(model, mode, *, cudagraphs=True, engine="eager", cache_
                 forward = lambda args: artifact(*args)  # noqa: E731
             else:
                 forward = lambda args: aot_gm(*args)  # noqa: E731
-            if graphed:  # as the pipeline does: refresh compressed weights before each replay
+            if graphed:  # as the pipeline does: a weight update re-records, recompressing it
                 static = [i for i, f in enumerate(flags) if f]
-                forward = info["cudagraph"] = CUDAGraphForward(
-                    forward, static, before_replay=sr.SPARSE_WEIGHTS.refresh_all
-                )
+                forward = info["cudagraph"] = CUDAGraphForward(forward, static)
             return boxed(forward)
 
         return _compat.aot_autograd(fw_compiler=inference, inference_compiler=inference)(gm, example_inputs)

@@ -80,7 +80,7 @@ class ArtifactStore:
         return artifact, status, time.perf_counter() - start
 
     def _load(self, key: str, sub: CanonicalSubgraph) -> Any:
-        payload = self.disk.get(key, expect_versions=None)
+        payload = self.disk.get(key)
         if payload is None:
             return None
         try:

@@ -55,7 +55,7 @@ class Compilation:
         start = time.perf_counter()
         blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
         inline_invoke_subgraphs(gm)
-        sparse_weights = self._apply_sparsity(gm, cudagraphs=blocker is None)
+        self._apply_sparsity(gm, cudagraphs=blocker is None)
         labels, self.report.block_method = assign_blocks(gm)
         self.report.blocks = len({label for label in labels.values() if label})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -72,18 +72,18 @@ class Compilation:
             op_name(n.target) for n in gm.graph.nodes
             if n.op == "call_function" and op_name(n.target) != "_operator.getitem"
         ))
-        forward = self._assemble(gm, blocker, sparse_weights)
+        forward = self._assemble(gm, blocker)
         self.report.compile_s = time.perf_counter() - start
         record(self.report)
         if CAPTURE is not None:
             CAPTURE.append(list(unique.values()))
         return forward
 
-    def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> bool:
-        """Route 2:4 linears to cuSPARSELt (inductor engine); True when any layer runs sparse."""
+    def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> None:
+        """Route 2:4 linears to cuSPARSELt (inductor engine) and record which ones in the report."""
         if self.engine.name != "inductor" or self.options.sparsity == "off":
             self.report.sparsity = {"mode": self.options.sparsity}
-            return False
+            return
         layers = sparse_runtime.rewrite_linears(
             gm, self.real_inputs, self.weight_flags, self.options.sparsity, cudagraphs,
             cache_dir=self.options.disk_cache_dir,
@@ -94,7 +94,6 @@ class Compilation:
             "sparse": [layer["layer"] for layer in layers if layer["sparse"]],
             "layers": layers,
         }
-        return bool(self.report.sparsity["sparse"])
 
     def _input_kind(self, node: torch.fx.Node) -> str:
         val = node.meta.get("val")
@@ -154,7 +153,7 @@ class Compilation:
             log.warning("trt_subgraph: binding subgraph %s failed (%s); running it in PyTorch", sub.fingerprint, exc)
             return sub.gm
 
-    def _assemble(self, gm: torch.fx.GraphModule, blocker: str | None, sparse: bool) -> Callable[[list], Any]:
+    def _assemble(self, gm: torch.fx.GraphModule, blocker: str | None) -> Callable[[list], Any]:
         def forward(args: list) -> Any:
             return gm(*args)
 
@@ -163,9 +162,7 @@ class Compilation:
             self.report.cudagraphs = f"off ({blocker})"
             return forward
         static = [i for i, is_weight in enumerate(self.weight_flags) if is_weight]
-        # Replays run no Python: compressed 2:4 weights are refreshed before each one.
-        refresh = sparse_runtime.SPARSE_WEIGHTS.refresh_all if sparse else None
-        graphed = runtime.CUDAGraphForward(forward, static, before_replay=refresh)
+        graphed = runtime.CUDAGraphForward(forward, static)
         self.report.cudagraphs = "on"
 
         def graphed_forward(args: list) -> Any:

@@ -59,14 +59,8 @@ def cudagraph_blocker(example_inputs: Sequence[Any]) -> str | None:
 class CUDAGraphForward:
     """Replays the whole forward as one CUDA graph; weights are static, activations copied in."""
 
-    def __init__(
-        self,
-        forward: Callable[[list], Any],
-        static_positions: Sequence[int],
-        before_replay: Callable[[], Any] | None = None,
-    ) -> None:
+    def __init__(self, forward: Callable[[list], Any], static_positions: Sequence[int]) -> None:
         self.forward = forward
-        self.before_replay = before_replay
         self.static_positions = list(static_positions)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed: str | None = None
@@ -76,15 +70,14 @@ class CUDAGraphForward:
         if self.failed is not None:
             return self.forward(list(args))
         # A changed address or version counter (replaced or updated weight) re-records: engines
-        # that hold their own copy of the weights (TensorRT) refit while recording.
+        # and ops that hold a derived copy of a weight (TensorRT refit, 2:4 compressed weights)
+        # refresh it while recording, since replays run no Python.
         addresses = [(args[i].data_ptr(), args[i]._version) for i in self.static_positions]
         if self.graph is None or addresses != self.addresses:
             if not self._record(args, addresses):
                 return self.forward(list(args))
         for i, static in self.copy_in:
             static.copy_(args[i])
-        if self.before_replay is not None:
-            self.before_replay()
         self.graph.replay()
         return [o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs]
 

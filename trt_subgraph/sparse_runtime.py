@@ -109,7 +109,9 @@ class SparseWeights:
     def refresh_all(self, force: bool = False) -> bool:
         """Recompress, in place, every weight whose ``_version`` changed (all with `force`).
 
-        Call before each CUDA graph replay: replays run no Python, so the op cannot check. Entries
+        Replays run no Python, so the op cannot check. The backend's CUDA graph re-records when a
+        weight's version changes (its warm-up runs recompress); call this yourself after writes
+        through ``.data`` (with `force`) or before replaying a graph you recorded by hand. Entries
         whose weight was freed or moved are dropped; returns True when that happened, since a graph
         recorded earlier may hold such a buffer and should be re-recorded.
         """

@@ -47,7 +47,6 @@ def inline_invoke_subgraphs(gm: torch.fx.GraphModule) -> int:
 
 
 def _inline_body(gm, call, body, operands, label) -> None:
-    hop = invoke_subgraph_op()
     env: dict[torch.fx.Node, Any] = {}
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     for placeholder, operand in zip(placeholders, operands):
@@ -64,14 +63,10 @@ def _inline_body(gm, call, body, operands, label) -> None:
                 # A nested region: lift its body onto the outer module under a unique name.
                 attr = getattr(body, node.target)
                 name = f"_{label.replace('.', '_')}_{node.target}"
-                gm.register_module(name, attr) if isinstance(attr, torch.nn.Module) else setattr(gm, name, attr)
+                setattr(gm, name, attr)
                 new = gm.graph.get_attr(name)
             else:
                 new = gm.graph.node_copy(node, lambda n: env[n])
-                if node.op == "call_function" and node.target is hop:
-                    new.meta[BLOCK_META] = label
-                    env[node] = new
-                    continue
             new.meta[BLOCK_META] = label
             env[node] = new
     for user in list(call.users):

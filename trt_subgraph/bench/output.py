@@ -173,14 +173,8 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(f"Cold first-call time vs depth ({unit}, fresh process and caches)", fontsize=10)
-    fig.tight_layout()
-    path = out_dir / "first_call.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    written.append(path)
+    written.append(_finish(plt, fig, axes, n, f"Cold first-call time vs depth ({unit}, fresh process and caches)",
+                           out_dir / "first_call.png"))
 
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     for ax, (model, rows) in zip(axes.flat, groups.items()):
@@ -206,15 +200,20 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("median latency (ms" + (", log scale)" if max(lat) > 20 * min(lat) else ")"))
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[n:]:
+    written.append(_finish(plt, fig, axes, n, f"Steady-state latency per backend ({unit}, p10-p90 whiskers)",
+                           out_dir / "latency.png"))
+    return written
+
+
+def _finish(plt: Any, fig: Any, axes: Any, used: int, title: str, path: Path) -> Path:
+    """Blank the unused panels, title, save and close one figure."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
-    fig.suptitle(f"Steady-state latency per backend ({unit}, p10-p90 whiskers)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = out_dir / "latency.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
 
 
 def write_all(data: dict[str, Any], out_dir: Path, with_plots: bool = True) -> list[Path]:
