@@ -43,6 +43,7 @@ __all__ = [
     "stable_topological_sort",
     "standalone_compile",
     "symbol_range",
+    "tracing_with_fake_mode",
 ]
 
 
@@ -77,6 +78,17 @@ def load_compiled_artifact(path: str) -> Any:
     from torch._inductor import CompiledArtifact
 
     return CompiledArtifact.load(path=path, format="binary")
+
+
+def tracing_with_fake_mode(inputs: list) -> Any:
+    """A fresh TracingContext on the fake mode in use, so a nested aot_autograd call (one
+    region of a Dynamo graph) neither reads nor overwrites the outer graph's context."""
+    import contextlib
+
+    from torch._guards import TracingContext, tracing
+
+    fake_mode = detect_fake_mode(inputs)
+    return tracing(TracingContext(fake_mode)) if fake_mode is not None else contextlib.nullcontext()
 
 
 def invoke_subgraph_op() -> Any:

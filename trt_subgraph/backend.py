@@ -16,6 +16,7 @@ from . import engines
 from ._compat import aot_autograd, inductor_compile_fx
 from .options import Options
 from .pipeline import Compilation
+from .regions import compile_regions
 
 log = logging.getLogger("trt_subgraph")
 _warned_grad = False
@@ -39,6 +40,9 @@ def trt_subgraph_backend(
         return _differentiable(gm, example_inputs, engine.name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weight_flags = [_is_weight(p, x) for p, x in zip(placeholders, example_inputs)]
+    compiled = compile_regions(gm, list(example_inputs), weight_flags, opts, engine, reason)
+    if compiled is not None:
+        return compiled
     compilation = Compilation(opts, engine, reason, weight_flags, list(example_inputs))
     return aot_autograd(fw_compiler=compilation, inference_compiler=compilation)(gm, example_inputs)
 

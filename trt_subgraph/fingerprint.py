@@ -27,8 +27,11 @@ def fingerprint(gm: torch.fx.GraphModule, input_kinds: list[str] | tuple[str, ..
     return xxhash.xxh3_128_hexdigest(describe(gm, input_kinds).encode())
 
 
-def describe(gm: torch.fx.GraphModule, input_kinds) -> str:
-    """The exact text that is hashed (useful to see why two pieces differ)."""
+def describe(gm: torch.fx.GraphModule, input_kinds, meta_key: str = "val") -> str:
+    """The exact text that is hashed (useful to see why two pieces differ).
+
+    `meta_key`: where nodes keep their fake values (``val`` in ATen graphs, ``example_value`` in
+    Dynamo's)."""
     symbols = _Symbols()
     position: dict[torch.fx.Node, int] = {}
     lines = []
@@ -36,14 +39,14 @@ def describe(gm: torch.fx.GraphModule, input_kinds) -> str:
     for node in gm.graph.nodes:
         position[node] = len(position)
         if node.op == "placeholder":
-            lines.append(f"in {next(kinds)} {_value(node.meta.get('val'), symbols)}")
+            lines.append(f"in {next(kinds)} {_value(node.meta.get(meta_key), symbols)}")
         elif node.op == "output":
             lines.append(f"out {_arg(node.args[0], position, symbols)}")
         else:
             kwargs = {k: node.kwargs[k] for k in sorted(node.kwargs)}
             lines.append(
                 f"{node.op} {op_name(node.target)} {_arg(node.args, position, symbols)} "
-                f"{_arg(kwargs, position, symbols)} -> {_value(node.meta.get('val'), symbols)}"
+                f"{_arg(kwargs, position, symbols)} -> {_value(node.meta.get(meta_key), symbols)}"
             )
     lines.append("symbols " + symbols.ranges())
     return "\n".join(lines)
@@ -102,6 +105,10 @@ def _arg(arg: Any, position: dict, symbols: _Symbols) -> str:
         return symbols.render(arg)
     if isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
         return str(arg)
+    if isinstance(arg, slice):
+        return f"slice({_arg((arg.start, arg.stop, arg.step), position, symbols)})"
+    if arg is Ellipsis:
+        return "..."
     if callable(arg) and hasattr(arg, "__qualname__"):
         return op_name(arg)
     raise UnhashableArgument(f"cannot fingerprint argument of type {type(arg).__name__}: {arg!r}")

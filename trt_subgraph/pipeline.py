@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from . import runtime, sparse_runtime
-from ._compat import erase_nodes, fuse_as_graphmodule, insert_subgm, stable_topological_sort
+from ._compat import erase_nodes, fuse_as_graphmodule, insert_subgm, make_boxed_func, stable_topological_sort
 from .build import ArtifactStore
 from .canonicalize import canonicalize
 from .engines.base import ACTIVATION, SYMINT, WEIGHT, CanonicalSubgraph, Engine, op_name
@@ -37,23 +37,37 @@ CAPTURE: list[list[UniqueSubgraph]] | None = None
 
 
 class Compilation:
-    """One Dynamo graph's compilation, from the backend call to the assembled forward."""
+    """One graph's compilation, from the ATen graph to the assembled forward.
+
+    The graph is a whole Dynamo graph, or one region of it (``region=True``, see ``regions``):
+    a region's forward is neither recorded as a CUDA graph nor reported alone, since the
+    region driver does both for the whole graph.
+    """
 
     def __init__(
-        self, options: Options, engine: Engine, engine_reason: str, weight_flags: list[bool], real_inputs: list
+        self, options: Options, engine: Engine, engine_reason: str, weight_flags: list[bool], real_inputs: list,
+        *, region: bool = False, region_blocker: str | None = None,
     ) -> None:
         self.options = options
+        # A region takes the whole graph's CUDA graph verdict: it decides whether sparse kernels pay.
+        self.region = region
+        self.region_blocker = region_blocker
         self.engine = engine
         self.weight_flags = weight_flags
         self.real_inputs = real_inputs
         self.report = Report(engine=engine.name, engine_reason=engine_reason)
         self.store = ArtifactStore(engine, options)
         self.artifacts: dict[str, Any] = {}
+        # Per piece instance: its fingerprint and the input position of each of its weights.
+        self.piece_weights: list[tuple[str, list[int | None]]] = []
 
     def __call__(self, gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
         """The ``inference_compiler`` handed to aot_autograd; returns a boxed callable."""
         start = time.perf_counter()
-        blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
+        if self.region:
+            blocker = self.region_blocker
+        else:
+            blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
         inline_invoke_subgraphs(gm)
         self._apply_sparsity(gm, cudagraphs=blocker is None)
         labels, self.report.block_method = assign_blocks(gm)
@@ -72,11 +86,14 @@ class Compilation:
             op_name(n.target) for n in gm.graph.nodes
             if n.op == "call_function" and op_name(n.target) != "_operator.getitem"
         ))
-        forward = self._assemble(gm, blocker)
-        self.report.compile_s = time.perf_counter() - start
-        record(self.report)
+        self.unique = unique
         if CAPTURE is not None:
             CAPTURE.append(list(unique.values()))
+        if self.region:
+            return make_boxed_func(gm.forward)
+        forward = assemble(gm, self.weight_flags, blocker, self.report)
+        self.report.compile_s = time.perf_counter() - start
+        record(self.report)
         return forward
 
     def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> None:
@@ -119,7 +136,9 @@ class Compilation:
         except UnhashableArgument as exc:
             log.warning("trt_subgraph: %s runs in PyTorch: %s", name, exc)
             return
-        weights = [self._real_value(gm, n) for n, kind in zip(inputs, kinds) if kind == WEIGHT]
+        weight_nodes = [n for n, kind in zip(inputs, kinds) if kind == WEIGHT]
+        weights = [self._real_value(gm, n) for n in weight_nodes]
+        self.piece_weights.append((sub.fingerprint, [self.index_of.get(n) for n in weight_nodes]))
         rec = records.get(sub.fingerprint)
         if rec is None:
             rec = records[sub.fingerprint] = SubgraphRecord(fingerprint=sub.fingerprint, nodes=sub.num_ops)
@@ -153,21 +172,24 @@ class Compilation:
             log.warning("trt_subgraph: binding subgraph %s failed (%s); running it in PyTorch", sub.fingerprint, exc)
             return sub.gm
 
-    def _assemble(self, gm: torch.fx.GraphModule, blocker: str | None) -> Callable[[list], Any]:
-        def forward(args: list) -> Any:
-            return gm(*args)
 
-        forward._boxed_call = True  # type: ignore[attr-defined]
-        if blocker is not None:
-            self.report.cudagraphs = f"off ({blocker})"
-            return forward
-        static = [i for i, is_weight in enumerate(self.weight_flags) if is_weight]
-        graphed = runtime.CUDAGraphForward(forward, static)
-        self.report.cudagraphs = "on"
+def assemble(run: Callable[..., Any], weight_flags: list[bool], blocker: str | None, report: Report) -> Callable[[list], Any]:
+    """The boxed forward of a whole graph: one CUDA graph unless `blocker` says why not."""
 
-        def graphed_forward(args: list) -> Any:
-            return graphed(args)
+    def forward(args: list) -> Any:
+        return run(*args)
 
-        graphed_forward._boxed_call = True  # type: ignore[attr-defined]
-        graphed_forward.cudagraph = graphed  # type: ignore[attr-defined]
-        return graphed_forward
+    forward._boxed_call = True  # type: ignore[attr-defined]
+    if blocker is not None:
+        report.cudagraphs = f"off ({blocker})"
+        return forward
+    static = [i for i, is_weight in enumerate(weight_flags) if is_weight]
+    graphed = runtime.CUDAGraphForward(forward, static)
+    report.cudagraphs = "on"
+
+    def graphed_forward(args: list) -> Any:
+        return graphed(args)
+
+    graphed_forward._boxed_call = True  # type: ignore[attr-defined]
+    graphed_forward.cudagraph = graphed  # type: ignore[attr-defined]
+    return graphed_forward

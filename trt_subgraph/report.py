@@ -34,6 +34,8 @@ class Report:
     fallback_ops: dict[str, int] = dataclasses.field(default_factory=dict)
     cudagraphs: str = "off"
     sparsity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Lowered region by region (see ``regions``): {"regions": n, "lowered": unique}; else empty.
+    regions: dict[str, int] = dataclasses.field(default_factory=dict)
     compile_s: float = 0.0
 
     @property
@@ -61,6 +63,7 @@ class Report:
             "block_method": self.block_method,
             "blocks": self.blocks,
             "cudagraphs": self.cudagraphs,
+            "regions": dict(self.regions),
             "sparsity": self.sparsity,
             "fallback_ops": dict(self.fallback_ops),
             "subgraphs": [s.to_dict() for s in self.subgraphs],
@@ -71,7 +74,8 @@ class Report:
         t = self.totals
         lines = [
             f"trt_subgraph: engine={self.engine} ({self.engine_reason}); blocks: {self.blocks} "
-            f"found by {self.block_method}; cudagraphs: {self.cudagraphs}",
+            f"found by {self.block_method}; cudagraphs: {self.cudagraphs}"
+            + (f"; regions: {self.regions['regions']}, lowered {self.regions['lowered']}" if self.regions else ""),
             f"{'fingerprint':<34} {'instances':>9} {'nodes':>6} {'status':<10} {'build_s':>8}",
         ]
         for s in self.subgraphs:

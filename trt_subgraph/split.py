@@ -1,4 +1,4 @@
-"""Find repeated-block boundaries in an ATen graph.
+"""Find repeated-block boundaries in a Dynamo or ATen graph.
 
 Every compute node gets a block label (or None for glue between blocks), from, in order:
 ``invoke_subgraph`` calls (``torch.compiler.nested_compile_region``), repeated
@@ -79,8 +79,8 @@ def _inline_body(gm, call, body, operands, label) -> None:
 
 
 def assign_blocks(gm: torch.fx.GraphModule) -> tuple[dict[torch.fx.Node, str | None], str]:
-    """Block label for every call_function node, and the method that found the blocks."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    """Block label for every call node, and the method that found the blocks."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     if any(BLOCK_META in n.meta for n in nodes):
         labels = {n: n.meta.get(BLOCK_META) for n in nodes}
         method = "invoke_subgraph"
@@ -107,7 +107,7 @@ def _signature(nodes: list[torch.fx.Node]) -> tuple:
     """A cheap structural signature of a module's region, to tell repeats from look-alikes."""
     out = []
     for n in nodes:
-        val = n.meta.get("val")
+        val = n.meta.get("val", n.meta.get("example_value"))
         shape = tuple(str(s) for s in val.shape) if hasattr(val, "shape") else None
         dtype = str(val.dtype) if hasattr(val, "dtype") else None
         out.append((op_name(n.target), shape, dtype))

@@ -1,0 +1,276 @@
+"""Lower each unique region of a Dynamo graph once, instead of the whole graph.
+
+aot_autograd's cost grows with the graph: lowering a 32-block model to ATen traces 32 blocks,
+and a warm disk cache cannot skip it. Dynamo's graph already shows the blocks (its nodes carry
+``nn_module_stack``), so the graph is split there, at block boundaries, with
+``torch.fx.passes.split_module``. Each region is keyed by its structure and input metadata;
+one region per key goes through aot_autograd and the pipeline, and every region with the same
+key calls the same compiled function: weights are inputs, so nothing in it is per instance.
+
+Graphs where splitting could change meaning or buys nothing take the whole-graph path:
+dynamic shapes, global-state nodes (grad mode, autocast), submodule calls, higher-order ops
+(``nested_compile_region`` graphs are traced once per body by aot_autograd already), or no
+blocks found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import xxhash
+from torch.fx.passes.split_module import split_module
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from . import pipeline, runtime
+from ._compat import HigherOrderOperator, aot_autograd, tracing_with_fake_mode
+from .engines.base import ACTIVATION, SYMINT, WEIGHT, Engine
+from .fingerprint import UnhashableArgument, describe
+from .options import Options
+from .report import Report, SubgraphRecord, record
+from .split import assign_blocks
+
+log = logging.getLogger("trt_subgraph")
+
+
+@dataclasses.dataclass
+class Region:
+    """One call of a split-out region in the outer graph."""
+
+    name: str  # the submodule's attribute on the split graph
+    gm: torch.fx.GraphModule  # returns a tuple
+    inputs: list[Any]  # real weights, fake activations (Dynamo's), other values as they are
+    fakes: list[Any]  # Dynamo's fake values of every input: what aot_autograd traces with
+    weight_flags: list[bool]
+    single_output: bool
+    label: str | None  # block path, None for glue
+    key: str | None  # None: not shareable, lowered alone
+
+
+def unsuitable(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> str | None:
+    """Why this Dynamo graph takes the whole-graph path, or None when regions apply."""
+    for x in example_inputs:
+        if isinstance(x, torch.SymInt) or (
+            isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape)
+        ):
+            return "dynamic shapes"
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            return "submodule calls"
+        if node.op in ("call_function", "call_method"):
+            if isinstance(node.target, HigherOrderOperator):
+                return "higher-order ops"
+            if node.meta.get("example_value") is None:  # grad mode, autocast, other side effects
+                return f"global-state or side-effect node {node.name}"
+    return None
+
+
+class RegionRunner(torch.nn.Module):
+    """Calls a region's compiled function and returns what the split graph expects."""
+
+    def __init__(self, compiled: Callable[..., Any], single_output: bool) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.single_output = single_output
+
+    def forward(self, *args: Any) -> Any:
+        out = self.compiled(*args)
+        return out[0] if self.single_output else tuple(out)
+
+
+def compile_regions(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    weight_flags: list[bool],
+    options: Options,
+    engine: Engine,
+    engine_reason: str,
+) -> Callable[..., Any] | None:
+    """The compiled forward of a Dynamo graph lowered region by region, or None when regions
+    do not apply (the caller then lowers the whole graph)."""
+    start = time.perf_counter()
+    if unsuitable(gm, example_inputs) is not None:
+        return None
+    labels, method = assign_blocks(gm)
+    if method == "none":
+        return None
+    split, regions = _split(gm, example_inputs, weight_flags, labels, options)
+    blocker = "disabled by option" if not options.cudagraphs else runtime.cudagraph_blocker(example_inputs)
+
+    lowered: dict[str, tuple[Region, pipeline.Compilation, Callable[..., Any]]] = {}
+    instances: list[tuple[Region, Region]] = []  # (region, the region it shares code with)
+    for region in regions:
+        shared = lowered.get(region.key) if region.key is not None else None
+        if shared is None:
+            comp = pipeline.Compilation(options, engine, engine_reason, region.weight_flags, region.inputs,
+                                        region=True, region_blocker=blocker)
+            with tracing_with_fake_mode(region.fakes):
+                compiled = aot_autograd(fw_compiler=comp, inference_compiler=comp)(region.gm, region.fakes)
+            shared = lowered[region.key or region.name] = (region, comp, compiled)
+        instances.append((region, shared[0]))
+        setattr(split, region.name, RegionRunner(shared[2], region.single_output))
+
+    report = _merge_reports(engine, engine_reason, method, labels, instances, lowered)
+    boxed = pipeline.assemble(split, weight_flags, blocker, report)
+    report.compile_s = time.perf_counter() - start
+    record(report)
+    if pipeline.CAPTURE is not None:
+        _capture_instances(instances, lowered)
+
+    def forward(*args: Any) -> Any:  # Dynamo calls a backend's result with positional arguments
+        return boxed(list(args))
+
+    forward.cudagraph = getattr(boxed, "cudagraph", None)  # type: ignore[attr-defined]
+    return forward
+
+
+def _region_ids(gm: torch.fx.GraphModule, labels: dict[torch.fx.Node, str | None]) -> dict[torch.fx.Node, int]:
+    """A new region wherever the block label changes along the graph's order."""
+    ids: dict[torch.fx.Node, int] = {}
+    current, number = object(), -1
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        label = labels.get(node)
+        if label != current:
+            current, number = label, number + 1
+        ids[node] = number
+    return ids
+
+
+def _split(gm, example_inputs, weight_flags, labels, options) -> tuple[torch.fx.GraphModule, list[Region]]:
+    ids = _region_ids(gm, labels)
+    label_of = {}
+    for node, number in ids.items():
+        label_of.setdefault(number, labels.get(node))
+    split = split_module(gm, gm, lambda node: ids[node], keep_original_order=True)
+    outer = {n.name: (x, flag) for n, x, flag in zip(
+        (n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs, weight_flags)}
+    check_sparsity = options.sparsity != "off"
+    regions = []
+    for call in split.graph.nodes:
+        if call.op != "call_module":
+            continue
+        sub = getattr(split, call.target)
+        fakes = [n.meta.get("example_value") for n in sub.graph.nodes if n.op == "placeholder"]
+        inputs, flags = [], []
+        for arg, fake in zip(call.args, fakes):
+            if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" and arg.name in outer:
+                value, flag = outer[arg.name]
+            else:
+                value, flag = fake, False
+            inputs.append(value)
+            flags.append(flag)
+        single = _return_tuple(sub)
+        number = int(call.target.rsplit("_", 1)[1])
+        key = region_key(sub, inputs, flags, check_sparsity)
+        regions.append(Region(call.target, sub, inputs, fakes, flags, single, label_of.get(number), key))
+    return split, regions
+
+
+def _return_tuple(gm: torch.fx.GraphModule) -> bool:
+    """Make `gm` return a tuple (aot_autograd wants one); True when it returned a single value."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if isinstance(output.args[0], (tuple, list)):
+        return False
+    output.args = ((output.args[0],),)
+    gm.recompile()
+    return True
+
+
+def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[bool], check_sparsity: bool) -> str | None:
+    """xxh3-128 of the region's structure and its inputs' metadata; None when not hashable.
+
+    Besides what a piece's fingerprint holds: each input's storage offset, which inputs share
+    storage (aliasing changes what aot_autograd generates), plain values, and, where 2:4 sparse
+    kernels may be used, whether each weight is 2:4 (the compiled code depends on it).
+    """
+    kinds = [SYMINT if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+             else WEIGHT if flag else ACTIVATION for x, flag in zip(inputs, weight_flags)]
+    try:
+        text = [describe(gm, kinds, meta_key="example_value")]
+    except UnhashableArgument:
+        return None
+    storages: dict[StorageWeakRef, int] = {}
+    for position, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor):
+            storage = storages.setdefault(StorageWeakRef(x.untyped_storage()), position)
+            line = f"in {position} offset {x.storage_offset()} storage-of {storage}"
+            if check_sparsity and weight_flags[position] and x.dim() == 2 and x.is_floating_point():
+                line += f" 2:4 {_is_2_4(x)}"
+        else:
+            line = f"in {position} value {x!r}"
+        text.append(line)
+    return xxhash.xxh3_128_hexdigest("\n".join(text).encode())
+
+
+def _is_2_4(weight: torch.Tensor) -> bool:
+    from .sparsity import analyze_weight
+
+    return analyze_weight(weight, kind="linear").pattern_ok
+
+
+def _merge_reports(engine, engine_reason, method, labels, instances, lowered) -> Report:
+    """One report for the Dynamo graph: each lowered region's records times its instances."""
+    report = Report(engine=engine.name, engine_reason=engine_reason, block_method=method,
+                    blocks=len({label for label in labels.values() if label}))
+    counts: dict[int, int] = {}
+    for _, shared in instances:
+        counts[id(shared)] = counts.get(id(shared), 0) + 1
+    records: dict[str, SubgraphRecord] = {}
+    fallback_ops: dict[str, int] = {}
+    sparsity: dict[str, Any] = {}
+    for rep, comp, _ in lowered.values():
+        count = counts[id(rep)]
+        for rec in comp.report.subgraphs:
+            merged = records.get(rec.fingerprint)
+            if merged is None:
+                records[rec.fingerprint] = dataclasses.replace(rec, instances=rec.instances * count)
+            else:
+                merged.instances += rec.instances * count
+        for op, n in comp.report.fallback_ops.items():
+            fallback_ops[op] = fallback_ops.get(op, 0) + n * count
+        sparsity.setdefault("mode", comp.report.sparsity.get("mode"))
+        for region, shared in instances:
+            if shared is rep:
+                for layer in comp.report.sparsity.get("layers", []):
+                    name = _rename(layer["layer"], rep.label, region.label)
+                    sparsity.setdefault("layers", []).append({**layer, "layer": name})
+    if "layers" in sparsity:
+        sparsity["eligible"] = [layer["layer"] for layer in sparsity["layers"] if layer["eligible"]]
+        sparsity["sparse"] = [layer["layer"] for layer in sparsity["layers"] if layer["sparse"]]
+    report.subgraphs = list(records.values())
+    report.fallback_ops = fallback_ops
+    report.sparsity = sparsity
+    report.regions = {"regions": len(instances), "lowered": len(lowered)}
+    return report
+
+
+def _module_path(label: str | None) -> str | None:
+    """``L['self'].layers[3]`` -> ``layers.3``-style path as the sparsity report names layers."""
+    if label is None:
+        return None
+    return label.split("].", 1)[1] if label.startswith("L[") and "]." in label else label
+
+
+def _rename(layer: str, rep_label: str | None, label: str | None) -> str:
+    """A layer name of the lowered region, moved to the same layer of another instance."""
+    old, new = _module_path(rep_label), _module_path(label)
+    if old and new and layer.startswith(old):
+        return new + layer[len(old):]
+    return layer
+
+
+def _capture_instances(instances, lowered) -> None:
+    """``trt_subgraph.capture``: the weights of instances that reused a lowered region."""
+    by_rep = {id(rep): comp for rep, comp, _ in lowered.values()}
+    for region, rep in instances:
+        if region is rep:
+            continue
+        comp = by_rep[id(rep)]
+        for fingerprint, positions in comp.piece_weights:
+            weights = [region.inputs[i] if i is not None else None for i in positions]
+            comp.unique[fingerprint].instance_weights.append(weights)
