@@ -164,3 +164,17 @@ def test_other_models_lower_one_block(name, kwargs):
     torch.testing.assert_close(actual, expected, **TIGHT)
     report = trt_subgraph.last_report()
     assert report.regions["regions"] == 5 and report.regions["lowered"] == 3
+
+
+def test_a_failure_while_splitting_falls_back_to_the_whole_graph(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("split exploded")
+
+    monkeypatch.setattr(regions, "split_module", broken)
+    model, inputs = models.build("encoder", depth=3, width=32, batch=2, seq=8)
+    with caplog.at_level("WARNING", logger="trt_subgraph"):
+        _, actual, expected = compile_and_run(model, inputs)
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    assert "split exploded" in caplog.text and "lowering the whole graph" in caplog.text
+    report = trt_subgraph.last_report()
+    assert report.regions == {} and report.totals["reuses"] == 2

@@ -40,7 +40,12 @@ def trt_subgraph_backend(
         return _differentiable(gm, example_inputs, engine.name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weight_flags = [_is_weight(p, x) for p, x in zip(placeholders, example_inputs)]
-    compiled = compile_regions(gm, list(example_inputs), weight_flags, opts, engine, reason)
+    try:
+        compiled = compile_regions(gm, list(example_inputs), weight_flags, opts, engine, reason)
+    except Exception as exc:  # lowering whole is slower to compile, never wrong
+        log.warning("trt_subgraph: region-by-region lowering failed (%s: %s); lowering the whole graph",
+                    type(exc).__name__, exc)
+        compiled = None
     if compiled is not None:
         return compiled
     compilation = Compilation(opts, engine, reason, weight_flags, list(example_inputs))

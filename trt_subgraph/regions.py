@@ -92,10 +92,12 @@ def compile_regions(
     """The compiled forward of a Dynamo graph lowered region by region, or None when regions
     do not apply (the caller then lowers the whole graph)."""
     start = time.perf_counter()
-    if unsuitable(gm, example_inputs) is not None:
-        return None
-    labels, method = assign_blocks(gm)
-    if method == "none":
+    reason = unsuitable(gm, example_inputs)
+    labels, method = assign_blocks(gm) if reason is None else ({}, "none")
+    if reason is None and method == "none":
+        reason = "no repeated blocks"
+    if reason is not None:
+        log.info("trt_subgraph: lowering the whole graph (%s)", reason)
         return None
     split, regions = _split(gm, example_inputs, weight_flags, labels, options)
     blocker = "disabled by option" if not options.cudagraphs else runtime.cudagraph_blocker(example_inputs)
