@@ -265,32 +265,29 @@ class Flatten(nn.Module):
         return torch.relu(h).flatten(1), h.sum(-1)
 
 
-def test_views_the_new_layout_cannot_take_get_a_contiguous_clone(available):
+def _pruned_flatten_matches_eager(**compile_options):
+    """Compile a pruned `Flatten` with the rewrite on, check it against fp32 eager; the rewrite info."""
     torch.manual_seed(0)
     model = Flatten().half().eval()
     prune_2_4(model)
-    compiled, info = compile_with_rewrite(model, "on")
+    compiled, info = compile_with_rewrite(model, "on", **compile_options)
     x = torch.randn(2, 8, 64, dtype=torch.float16)
     with torch.no_grad():
         actual = compiled(x)
         expected = model.float()(x.float())
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.float(), e, **FP16)
+    return info
+
+
+def test_views_the_new_layout_cannot_take_get_a_contiguous_clone(available):
+    info = _pruned_flatten_matches_eager()
     assert ops(info["gm"]).count(OP) == 1 and torch.ops.aten.clone.default in ops(info["gm"])
 
 
 def test_inductor_compiles_the_rewritten_graph_with_the_declared_layout(available):
     """Inductor trusts the fake impl's strides: a wrong declaration gives wrong numbers here."""
-    torch.manual_seed(0)
-    model = Flatten().half().eval()
-    prune_2_4(model)
-    compiled, info = compile_with_rewrite(model, "on", engine="inductor")
-    x = torch.randn(2, 8, 64, dtype=torch.float16)
-    with torch.no_grad():
-        actual = compiled(x)
-        expected = model.float()(x.float())
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a.float(), e, **FP16)
+    info = _pruned_flatten_matches_eager(engine="inductor")
     assert OP in ops(info["gm"])
 
 

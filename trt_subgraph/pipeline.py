@@ -67,7 +67,7 @@ class Compilation:
         if self.region:
             blocker = self.region_blocker
         else:
-            blocker = "disabled by option" if not self.options.cudagraphs else runtime.cudagraph_blocker(fake_inputs)
+            blocker = cudagraph_blocker(self.options, fake_inputs)
         inline_invoke_subgraphs(gm)
         self._apply_sparsity(gm, cudagraphs=blocker is None)
         labels, self.report.block_method = assign_blocks(gm)
@@ -99,18 +99,13 @@ class Compilation:
     def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> None:
         """Route 2:4 linears to cuSPARSELt (inductor engine) and record which ones in the report."""
         if self.engine.name != "inductor" or self.options.sparsity == "off":
-            self.report.sparsity = {"mode": self.options.sparsity}
+            self.report.sparsity = sparsity_summary(self.options.sparsity, None)
             return
         layers = sparse_runtime.rewrite_linears(
             gm, self.real_inputs, self.weight_flags, self.options.sparsity, cudagraphs,
             cache_dir=self.options.disk_cache_dir,
         )
-        self.report.sparsity = {
-            "mode": self.options.sparsity,
-            "eligible": [layer["layer"] for layer in layers if layer["eligible"]],
-            "sparse": [layer["layer"] for layer in layers if layer["sparse"]],
-            "layers": layers,
-        }
+        self.report.sparsity = sparsity_summary(self.options.sparsity, layers)
 
     def _input_kind(self, node: torch.fx.Node) -> str:
         val = node.meta.get("val")
@@ -171,6 +166,23 @@ class Compilation:
         except Exception as exc:
             log.warning("trt_subgraph: binding subgraph %s failed (%s); running it in PyTorch", sub.fingerprint, exc)
             return sub.gm
+
+
+def cudagraph_blocker(options: Options, inputs: list) -> str | None:
+    """Why a whole graph with these inputs cannot be one CUDA graph, or None when it can."""
+    return "disabled by option" if not options.cudagraphs else runtime.cudagraph_blocker(inputs)
+
+
+def sparsity_summary(mode: str, layers: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The report's sparsity entry; `layers` None when no linear was analyzed (mode off, engine)."""
+    if layers is None:
+        return {"mode": mode}
+    return {
+        "mode": mode,
+        "eligible": [layer["layer"] for layer in layers if layer["eligible"]],
+        "sparse": [layer["layer"] for layer in layers if layer["sparse"]],
+        "layers": layers,
+    }
 
 
 def assemble(run: Callable[..., Any], weight_flags: list[bool], blocker: str | None, report: Report) -> Callable[[list], Any]:

@@ -14,6 +14,7 @@ blocks found.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -25,7 +26,7 @@ import xxhash
 from torch.fx.passes.split_module import split_module
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import pipeline, runtime
+from . import pipeline
 from ._compat import HigherOrderOperator, aot_autograd, tracing_with_fake_mode
 from .engines.base import ACTIVATION, SYMINT, WEIGHT, Engine
 from .fingerprint import UnhashableArgument, describe
@@ -100,7 +101,7 @@ def compile_regions(
         log.info("trt_subgraph: lowering the whole graph (%s)", reason)
         return None
     split, regions = _split(gm, example_inputs, weight_flags, labels, options)
-    blocker = "disabled by option" if not options.cudagraphs else runtime.cudagraph_blocker(example_inputs)
+    blocker = pipeline.cudagraph_blocker(options, example_inputs)
 
     lowered: dict[str, tuple[Region, pipeline.Compilation, Callable[..., Any]]] = {}
     instances: list[tuple[Region, Region]] = []  # (region, the region it shares code with)
@@ -115,7 +116,7 @@ def compile_regions(
         instances.append((region, shared[0]))
         setattr(split, region.name, RegionRunner(shared[2], region.single_output))
 
-    report = _merge_reports(engine, engine_reason, method, labels, instances, lowered)
+    report = _merge_reports(engine, engine_reason, method, labels, instances, lowered, options.sparsity)
     boxed = pipeline.assemble(split, weight_flags, blocker, report)
     report.compile_s = time.perf_counter() - start
     record(report)
@@ -215,16 +216,14 @@ def _is_2_4(weight: torch.Tensor) -> bool:
     return analyze_weight(weight, kind="linear").pattern_ok
 
 
-def _merge_reports(engine, engine_reason, method, labels, instances, lowered) -> Report:
+def _merge_reports(engine, engine_reason, method, labels, instances, lowered, sparsity_mode) -> Report:
     """One report for the Dynamo graph: each lowered region's records times its instances."""
     report = Report(engine=engine.name, engine_reason=engine_reason, block_method=method,
                     blocks=len({label for label in labels.values() if label}))
-    counts: dict[int, int] = {}
-    for _, shared in instances:
-        counts[id(shared)] = counts.get(id(shared), 0) + 1
+    counts = collections.Counter(id(shared) for _, shared in instances)
     records: dict[str, SubgraphRecord] = {}
     fallback_ops: dict[str, int] = {}
-    sparsity: dict[str, Any] = {}
+    layers: list[dict[str, Any]] | None = None
     for rep, comp, _ in lowered.values():
         count = counts[id(rep)]
         for rec in comp.report.subgraphs:
@@ -235,18 +234,15 @@ def _merge_reports(engine, engine_reason, method, labels, instances, lowered) ->
                 merged.instances += rec.instances * count
         for op, n in comp.report.fallback_ops.items():
             fallback_ops[op] = fallback_ops.get(op, 0) + n * count
-        sparsity.setdefault("mode", comp.report.sparsity.get("mode"))
-        for region, shared in instances:
-            if shared is rep:
-                for layer in comp.report.sparsity.get("layers", []):
-                    name = _rename(layer["layer"], rep.label, region.label)
-                    sparsity.setdefault("layers", []).append({**layer, "layer": name})
-    if "layers" in sparsity:
-        sparsity["eligible"] = [layer["layer"] for layer in sparsity["layers"] if layer["eligible"]]
-        sparsity["sparse"] = [layer["layer"] for layer in sparsity["layers"] if layer["sparse"]]
+        if "layers" in comp.report.sparsity:
+            layers = layers or []
+            for region, shared in instances:
+                if shared is rep:
+                    layers += [{**layer, "layer": _rename(layer["layer"], rep.label, region.label)}
+                               for layer in comp.report.sparsity["layers"]]
     report.subgraphs = list(records.values())
     report.fallback_ops = fallback_ops
-    report.sparsity = sparsity
+    report.sparsity = pipeline.sparsity_summary(sparsity_mode, layers)
     report.regions = {"regions": len(instances), "lowered": len(lowered)}
     return report
 
