@@ -6,9 +6,12 @@ import torch
 import torch.nn as nn
 
 import trt_subgraph
-from trt_subgraph import regions
+from trt_subgraph import backend, engines, regions
+from trt_subgraph import sparse_runtime as sr
 from trt_subgraph.bench import models
-from trt_subgraph.sparsity import prune_2_4
+from trt_subgraph.engines.eager import EagerEngine
+from trt_subgraph.engines.inductor import InductorEngine
+from trt_subgraph.sparsity import analyze_weight, mask_2_4, prune_2_4
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 
@@ -127,31 +130,58 @@ def _region_inputs(*inputs):
     return gm
 
 
-def test_region_key_sees_aliasing_offsets_and_2_4_weights():
+def test_region_key_sees_aliasing_offsets_and_the_engines_weight_variants(monkeypatch):
     a, b = torch.randn(4, 8), torch.randn(4, 8)
     base = torch.randn(5, 8)
     gm = _region_inputs(a, b)
-    key = regions.region_key(gm, [a, b], [False, False], check_sparsity=False)
-    assert key == regions.region_key(gm, [torch.randn(4, 8), torch.randn(4, 8)], [False, False], False)
-    assert key != regions.region_key(gm, [a, a], [False, False], False)  # aliasing inputs
-    assert key != regions.region_key(gm, [base[1:], b], [False, False], False)  # storage offset
-    dense, pruned = torch.randn(16, 16), torch.randn(16, 16)
-    with torch.no_grad():
-        layer = nn.Linear(16, 16)
-        layer.weight.copy_(pruned)
-        prune_2_4(layer)
-        pruned = layer.weight.detach().clone()
+    eager = EagerEngine()
+    key = regions.region_key(gm, [a, b], [False, False], eager)
+    assert key == regions.region_key(gm, [torch.randn(4, 8), torch.randn(4, 8)], [False, False], eager)
+    assert key != regions.region_key(gm, [a, a], [False, False], eager)  # aliasing inputs
+    assert key != regions.region_key(gm, [base[1:], b], [False, False], eager)  # storage offset
+
+    dense = torch.randn(16, 16, dtype=torch.float16)
+    pruned = dense * mask_2_4(dense, kind="linear")
     flags = [True, False]
-    assert regions.region_key(gm, [dense, b], flags, True) != regions.region_key(gm, [pruned, b], flags, True)
-    assert regions.region_key(gm, [dense, b], flags, False) == regions.region_key(gm, [pruned, b], flags, False)
+
+    def differ(engine):
+        return regions.region_key(gm, [dense, b], flags, engine) != regions.region_key(gm, [pruned, b], flags, engine)
+
+    monkeypatch.setattr(sr, "unavailable_reason", lambda device: None)  # as if cuSPARSELt ran here
+    assert differ(InductorEngine(sparse=True))
+    assert not differ(InductorEngine(sparse=False)) and not differ(eager)
+    monkeypatch.setattr(sr, "unavailable_reason", lambda device: "no cuSPARSELt")
+    assert not differ(InductorEngine(sparse=True))  # no sparse kernel can run: no reason to split
 
 
-def test_blocks_pruned_differently_are_not_shared():
+class TwoFourEagerEngine(EagerEngine):
+    """The eager engine, made to depend on 2:4-ness as inductor (with cuSPARSELt) and TensorRT do."""
+
+    def weight_variant(self, weight):
+        return "2:4" if weight.dim() == 2 and analyze_weight(weight, kind="linear").pattern_ok else "dense"
+
+
+@pytest.fixture
+def two_four_engine(monkeypatch):
+    real = engines.engine_class
+    monkeypatch.setattr(engines, "engine_class",
+                        lambda name: TwoFourEagerEngine if name == "eager" else real(name))
+
+
+@pytest.mark.parametrize("path", ["regions", "whole graph"])
+def test_blocks_pruned_differently_never_share_code(two_four_engine, monkeypatch, path):
+    if path == "whole graph":
+        monkeypatch.setattr(backend, "compile_regions", lambda *args, **kwargs: None)
     model, inputs = models.build("encoder", depth=4, width=32, batch=2, seq=8)
     prune_2_4(model.layers[1])
-    _, actual, expected = compile_and_run(model, inputs, sparsity="on")
+    _, actual, expected = compile_and_run(model, inputs)
     torch.testing.assert_close(actual, expected, **TIGHT)
-    assert trt_subgraph.last_report().regions == {"regions": 6, "lowered": 4}
+    report = trt_subgraph.last_report()
+    if path == "regions":
+        assert report.regions == {"regions": 6, "lowered": 4}
+    blocks = [s for s in report.subgraphs if s.instances in (1, 3) and s.nodes > 10]
+    assert sorted(s.instances for s in blocks) == [1, 3]  # the pruned block alone, the others shared
+    assert blocks[0].fingerprint == blocks[1].fingerprint and blocks[0].variant != blocks[1].variant
 
 
 @pytest.mark.parametrize("name,kwargs", [

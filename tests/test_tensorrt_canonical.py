@@ -13,6 +13,7 @@ from trt_subgraph import engines
 from trt_subgraph.engines import tensorrt as trt_engine
 from trt_subgraph.engines.base import ACTIVATION
 from trt_subgraph.engines.tensorrt import TensorRTArtifact, TensorRTEngine, to_constant_module
+from trt_subgraph.sparsity import mask_2_4
 
 
 class Block(nn.Module):
@@ -143,6 +144,18 @@ def test_engine_options_are_validated():
     settings = TensorRTEngine(sparse=True, optimization_level=5).settings()
     assert settings["sparse"] is True and settings["optimization_level"] == 5
     assert set(settings["versions"]) == {"tensorrt", "torch_tensorrt"}
+
+
+def test_weight_variant_is_2_4_ness_of_conv_and_linear_weights_when_sparse():
+    conv = torch.randn(8, 8, 3, 3, dtype=torch.float16)
+    pruned_conv = conv * mask_2_4(conv, kind="conv")
+    linear = torch.randn(16, 16, dtype=torch.float16)
+    sparse = TensorRTEngine(sparse=True)
+    assert [sparse.weight_variant(w) for w in (pruned_conv, conv)] == ["2:4", "dense"]
+    assert sparse.weight_variant(linear * mask_2_4(linear, kind="linear")) == "2:4"
+    assert sparse.weight_variant(torch.randn(16)) is None  # a bias
+    assert sparse.weight_variant(pruned_conv.float()) is None  # FP32 is never run sparse
+    assert TensorRTEngine(sparse=False).weight_variant(pruned_conv) is None
 
 
 def test_payload_round_trip_keeps_names_and_flags(stack):

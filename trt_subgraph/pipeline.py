@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
+import xxhash
+from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
 
 from . import runtime, sparse_runtime
 from ._compat import erase_nodes, fuse_as_graphmodule, insert_subgm, make_boxed_func, stable_topological_sort
@@ -133,22 +135,27 @@ class Compilation:
             return
         weight_nodes = [n for n, kind in zip(inputs, kinds) if kind == WEIGHT]
         weights = [self._real_value(gm, n) for n in weight_nodes]
-        self.piece_weights.append((sub.fingerprint, [self.index_of.get(n) for n in weight_nodes]))
-        rec = records.get(sub.fingerprint)
+        with unset_fake_temporarily():  # real weights, inside aot_autograd's fake mode
+            variants = [self.engine.weight_variant(w) for w in weights]
+        variant = xxhash.xxh3_64_hexdigest(repr(variants).encode()) if any(v is not None for v in variants) else None
+        group = sub.fingerprint if variant is None else f"{sub.fingerprint}/{variant}"
+        self.piece_weights.append((group, [self.index_of.get(n) for n in weight_nodes]))
+        rec = records.get(group)
         if rec is None:
-            rec = records[sub.fingerprint] = SubgraphRecord(fingerprint=sub.fingerprint, nodes=sub.num_ops)
-            unique[sub.fingerprint] = UniqueSubgraph(sub, [])
-            self.artifacts[sub.fingerprint] = self._artifact(sub, weights, rec)
+            rec = records[group] = SubgraphRecord(fingerprint=sub.fingerprint, nodes=sub.num_ops, variant=variant)
+            unique[group] = UniqueSubgraph(sub, [])
+            self.artifacts[group] = self._artifact(sub, weights, rec)
         rec.instances += 1
-        unique[sub.fingerprint].instance_weights.append(weights)
+        unique[group].instance_weights.append(weights)
         insert_subgm(gm, sub_gm, inputs, outputs, nodes[-1])
         erase_nodes(gm, nodes)
-        setattr(gm, name, runtime.PieceRunner(sub, self._bind(sub, self.artifacts[sub.fingerprint])))
+        setattr(gm, name, runtime.PieceRunner(sub, self._bind(sub, self.artifacts[group])))
 
     def _artifact(self, sub: CanonicalSubgraph, weights: list[torch.Tensor], rec: SubgraphRecord) -> Any:
         """The built or cached artifact, or None when the engine failed (PyTorch runs the piece)."""
         try:
-            artifact, rec.status, rec.build_s = self.store.get(sub, weights)
+            extra = {"variant": rec.variant} if rec.variant is not None else None
+            artifact, rec.status, rec.build_s = self.store.get(sub, weights, extra)
             return artifact
         except Exception as exc:  # one piece failing must not take the model down
             rec.status, rec.error = "fallback", f"{type(exc).__name__}: {exc}"

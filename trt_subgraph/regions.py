@@ -100,7 +100,7 @@ def compile_regions(
     if reason is not None:
         log.info("trt_subgraph: lowering the whole graph (%s)", reason)
         return None
-    split, regions = _split(gm, example_inputs, weight_flags, labels, options)
+    split, regions = _split(gm, example_inputs, weight_flags, labels, engine)
     blocker = pipeline.cudagraph_blocker(options, example_inputs)
 
     lowered: dict[str, tuple[Region, pipeline.Compilation, Callable[..., Any]]] = {}
@@ -144,7 +144,7 @@ def _region_ids(gm: torch.fx.GraphModule, labels: dict[torch.fx.Node, str | None
     return ids
 
 
-def _split(gm, example_inputs, weight_flags, labels, options) -> tuple[torch.fx.GraphModule, list[Region]]:
+def _split(gm, example_inputs, weight_flags, labels, engine) -> tuple[torch.fx.GraphModule, list[Region]]:
     ids = _region_ids(gm, labels)
     label_of = {}
     for node, number in ids.items():
@@ -152,7 +152,6 @@ def _split(gm, example_inputs, weight_flags, labels, options) -> tuple[torch.fx.
     split = split_module(gm, gm, lambda node: ids[node], keep_original_order=True)
     outer = {n.name: (x, flag) for n, x, flag in zip(
         (n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs, weight_flags)}
-    check_sparsity = options.sparsity != "off"
     regions = []
     for call in split.graph.nodes:
         if call.op != "call_module":
@@ -169,7 +168,7 @@ def _split(gm, example_inputs, weight_flags, labels, options) -> tuple[torch.fx.
             flags.append(flag)
         single = _return_tuple(sub)
         number = int(call.target.rsplit("_", 1)[1])
-        key = region_key(sub, inputs, flags, check_sparsity)
+        key = region_key(sub, inputs, flags, engine)
         regions.append(Region(call.target, sub, inputs, fakes, flags, single, label_of.get(number), key))
     return split, regions
 
@@ -184,12 +183,12 @@ def _return_tuple(gm: torch.fx.GraphModule) -> bool:
     return True
 
 
-def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[bool], check_sparsity: bool) -> str | None:
+def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[bool], engine: Engine) -> str | None:
     """xxh3-128 of the region's structure and its inputs' metadata; None when not hashable.
 
     Besides what a piece's fingerprint holds: each input's storage offset, which inputs share
-    storage (aliasing changes what aot_autograd generates), plain values, and, where 2:4 sparse
-    kernels may be used, whether each weight is 2:4 (the compiled code depends on it).
+    storage (aliasing changes what aot_autograd generates), plain values, and each weight's
+    `Engine.weight_variant` (whether it is 2:4 where the engine may use sparse kernels).
     """
     kinds = [SYMINT if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
              else WEIGHT if flag else ACTIVATION for x, flag in zip(inputs, weight_flags)]
@@ -202,18 +201,12 @@ def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[b
         if isinstance(x, torch.Tensor):
             storage = storages.setdefault(StorageWeakRef(x.untyped_storage()), position)
             line = f"in {position} offset {x.storage_offset()} storage-of {storage}"
-            if check_sparsity and weight_flags[position] and x.dim() == 2 and x.is_floating_point():
-                line += f" 2:4 {_is_2_4(x)}"
+            if weight_flags[position] and (variant := engine.weight_variant(x)) is not None:
+                line += f" variant {variant}"
         else:
             line = f"in {position} value {x!r}"
         text.append(line)
     return xxhash.xxh3_128_hexdigest("\n".join(text).encode())
-
-
-def _is_2_4(weight: torch.Tensor) -> bool:
-    from .sparsity import analyze_weight
-
-    return analyze_weight(weight, kind="linear").pattern_ok
 
 
 def _merge_reports(engine, engine_reason, method, labels, instances, lowered, sparsity_mode) -> Report:
@@ -221,15 +214,15 @@ def _merge_reports(engine, engine_reason, method, labels, instances, lowered, sp
     report = Report(engine=engine.name, engine_reason=engine_reason, block_method=method,
                     blocks=len({label for label in labels.values() if label}))
     counts = collections.Counter(id(shared) for _, shared in instances)
-    records: dict[str, SubgraphRecord] = {}
+    records: dict[tuple[str, str | None], SubgraphRecord] = {}
     fallback_ops: dict[str, int] = {}
     layers: list[dict[str, Any]] | None = None
     for rep, comp, _ in lowered.values():
         count = counts[id(rep)]
         for rec in comp.report.subgraphs:
-            merged = records.get(rec.fingerprint)
+            merged = records.get((rec.fingerprint, rec.variant))
             if merged is None:
-                records[rec.fingerprint] = dataclasses.replace(rec, instances=rec.instances * count)
+                records[(rec.fingerprint, rec.variant)] = dataclasses.replace(rec, instances=rec.instances * count)
             else:
                 merged.instances += rec.instances * count
         for op, n in comp.report.fallback_ops.items():
@@ -269,6 +262,6 @@ def _capture_instances(instances, lowered) -> None:
         if region is rep:
             continue
         comp = by_rep[id(rep)]
-        for fingerprint, positions in comp.piece_weights:
+        for group, positions in comp.piece_weights:
             weights = [region.inputs[i] if i is not None else None for i in positions]
-            comp.unique[fingerprint].instance_weights.append(weights)
+            comp.unique[group].instance_weights.append(weights)

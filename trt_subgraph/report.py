@@ -18,7 +18,9 @@ class SubgraphRecord:
     status: str = "built"
     build_s: float = 0.0
     error: str | None = None
-    sparse_layers: list[str] = dataclasses.field(default_factory=list)
+    # Set where the engine's code depends on weight values (2:4 kernels): xxh3-64 of the
+    # instances' `Engine.weight_variant`s. Same fingerprint, other variant: another artifact.
+    variant: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,9 +82,9 @@ class Report:
         ]
         for s in self.subgraphs:
             note = f"  {s.error}" if s.error else ""
-            sparse = f"  sparse: {', '.join(s.sparse_layers)}" if s.sparse_layers else ""
+            variant = f"  variant {s.variant}" if s.variant else ""
             lines.append(
-                f"{s.fingerprint:<34} {s.instances:>9} {s.nodes:>6} {s.status:<10} {s.build_s:>8.3f}{note}{sparse}"
+                f"{s.fingerprint:<34} {s.instances:>9} {s.nodes:>6} {s.status:<10} {s.build_s:>8.3f}{variant}{note}"
             )
         lines.append(
             f"unique subgraphs {t['unique_subgraphs']}, builds {t['builds']}, reuses {t['reuses']}, "

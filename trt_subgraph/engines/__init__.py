@@ -48,9 +48,9 @@ def select(
                     "Install the extra with `pip install trt_subgraph[tensorrt]` on a CUDA machine, "
                     "or pick engine='inductor'."
                 )
-    if chosen == "tensorrt":
-        return engine_class(chosen)(torch_executed_ops=torch_executed_ops, sparse=sparsity != "off"), why
-    return engine_class(chosen)(torch_executed_ops=torch_executed_ops), why
+    if chosen == "eager":
+        return engine_class(chosen)(torch_executed_ops=torch_executed_ops), why
+    return engine_class(chosen)(torch_executed_ops=torch_executed_ops, sparse=sparsity != "off"), why
 
 
 def _tensorrt_unavailable() -> str | None:

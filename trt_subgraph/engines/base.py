@@ -61,6 +61,14 @@ class Engine(abc.ABC):
         """Everything besides the subgraph that changes the artifact: part of every cache key."""
         return {"engine": self.name}
 
+    def weight_variant(self, weight: torch.Tensor) -> str | None:
+        """What in this weight's values changes the code built for it (None: nothing does).
+
+        Shapes and dtypes are in every key already; this is for value-dependent choices such as
+        2:4 sparse kernels. Instances whose weights differ here never share a region or artifact.
+        """
+        return None
+
     def is_node_supported(self, node: torch.fx.Node) -> bool:
         """ATen, prims and our own ops; other custom ops and ``torch_executed_ops`` run in PyTorch."""
         if node.target is operator.getitem:

@@ -12,12 +12,25 @@ from typing import Any, Callable
 
 import torch
 
-from .. import _compat
+from .. import _compat, sparse_runtime
+from ..sparsity import analyze_weight
 from .base import SYMINT, CanonicalSubgraph, Engine
 
 
 class InductorEngine(Engine):
     name = "inductor"
+
+    def __init__(self, *, torch_executed_ops: frozenset[str] = frozenset(), sparse: bool = False) -> None:
+        super().__init__(torch_executed_ops=torch_executed_ops)
+        self.sparse = sparse
+
+    def weight_variant(self, weight: torch.Tensor) -> str | None:
+        """Whether a linear weight is 2:4 where cuSPARSELt runs: the pipeline then may route it there."""
+        if not self.sparse or weight.dim() != 2 or weight.dtype not in sparse_runtime.CSLT_DTYPES:
+            return None
+        if sparse_runtime.unavailable_reason(weight.device) is not None:
+            return None
+        return "2:4" if analyze_weight(weight, kind="linear").pattern_ok else "dense"
 
     def settings(self) -> dict[str, Any]:
         return {"engine": self.name, "inductor_config": _compat.inductor_config_key()}

@@ -292,6 +292,15 @@ class TensorRTEngine(Engine):
             missing.append("no CUDA device")
         return "; ".join(missing) or None
 
+    def weight_variant(self, weight: torch.Tensor) -> str | None:
+        """Whether a conv (>= 3-D) or linear (2-D) weight meets TensorRT's 2:4 rule: an engine
+        holding one is built with SPARSE_WEIGHTS, and refitting a dense weight into it is wrong."""
+        if not self.sparse or weight.dim() < 2 or weight.dtype not in (torch.float16, torch.bfloat16, torch.int8):
+            return None
+        from ..sparsity import analyze_weight
+
+        return "2:4" if analyze_weight(weight, kind="linear" if weight.dim() == 2 else "conv").eligible else "dense"
+
     def settings(self) -> dict[str, Any]:
         """Engine-shaping settings plus TensorRT/torch_tensorrt versions (the GPU is in the device key)."""
         versions = {}
@@ -373,7 +382,7 @@ class TensorRTEngine(Engine):
         _check_outputs(sub)
         with unset_fake_temporarily():
             # SPARSE_WEIGHTS is per engine: set it only where a layer can use it.
-            sparse = self.sparse and _has_2_4_layer(weights)
+            sparse = any(self.weight_variant(w) == "2:4" for w in weights)
             settings = self._compilation_settings(_device_of(sub), sparse)
             gm, examples = self._lowered(sub, weights, settings)
             result = torch_tensorrt.dynamo.conversion.interpret_module_to_result(
@@ -579,14 +588,3 @@ def _converter_tables() -> tuple[Any, Any] | None:
 
 __all__ = ["TORCH_TRT_CONTRACT", "TRT_CONTRACT", "TensorRTArtifact", "TensorRTEngine", "TensorRTRunner",
            "to_constant_module"]
-
-
-def _has_2_4_layer(weights: Sequence[torch.Tensor]) -> bool:
-    """Whether any conv (>= 3-D) or linear (2-D) weight meets TensorRT's 2:4 rule."""
-    from ..sparsity import analyze_weight
-
-    return any(
-        analyze_weight(w, kind="linear" if w.dim() == 2 else "conv").eligible
-        for w in weights
-        if w.dim() >= 2 and w.dtype in (torch.float16, torch.bfloat16, torch.int8)
-    )
