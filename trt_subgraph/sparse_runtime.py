@@ -56,8 +56,8 @@ CSLT_DTYPES = (torch.float16, torch.bfloat16)
 CSLT_MULTIPLE = 16  # cuSPARSELt fp16/bf16: both dims of the sparse operand >= and multiple of 16
 # "auto": sparse must beat dense by 15% at the real shape, alone. The kernel's output is
 # column-major, and consumers pay for reading it: on an H100, in the 16 x 2048 decoder at 8192
-# rows, residual-add + RMSNorm, RoPE and the SDPA head split took about 1.9 ms more per forward
-# with the 64 attention projections sparse, more than their 1.1x kernel gain (about 0.7 ms).
+# rows, the kernels reading the attention projections' outputs (residual add + RMSNorm, RoPE, the
+# SDPA head split) took about 1.6 ms more per forward, more than their 1.1x gain (about 0.6 ms).
 # The MLP GEMMs (1.25-1.3x alone) feed a SwiGLU product that does not pay, and they stay sparse.
 MIN_SPEEDUP = 1.15
 DECISIONS_FILE = "sparse_decisions.json"
