@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -342,3 +343,59 @@ def test_every_private_torch_import_is_in_the_compat_module():
                 names = [a.name for a in node.names]
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("torch._")]
     assert offenders == []
+
+
+_POOL_PROBE = """
+import sys, torch, trt_subgraph
+from trt_subgraph import _compat
+torch.manual_seed(0)
+m = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()) for _ in range(3)]).cuda()
+x = torch.randn(8, 64, device="cuda")
+backend = sys.argv[1]
+options = {"engine": "inductor"} if backend == "trt_subgraph" else None
+with torch.no_grad():
+    y = torch.compile(m, backend=backend, options=options)(x)
+    torch.testing.assert_close(y, m(x), rtol=1e-4, atol=1e-4)
+report = trt_subgraph.last_report() if backend == "trt_subgraph" else None
+totals = report.totals if report else {}
+print("@@", _compat.inductor_pool_started(), totals.get("builds"), totals.get("disk_hits"))
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loading_inductor_artifacts_does_not_start_inductors_worker_pool(tmp_path):
+    """A load compiles nothing; the pool's workers would each import torch for nothing."""
+    def probe(backend: str, inductor_dir: str) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / inductor_dir), TRITON_CACHE_DIR=str(tmp_path / inductor_dir / "triton"),
+                   TRT_SUBGRAPH_CACHE_DIR=str(tmp_path / "trt_subgraph"))
+        proc = subprocess.run([sys.executable, "-c", _POOL_PROBE, backend], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return next(line for line in proc.stdout.splitlines() if line.startswith("@@")).split()[1:]
+
+    if probe("inductor", "control")[0] != "True":
+        pytest.skip("inductor starts no worker pool on this machine, so there is nothing to avoid")
+    _, builds, disk_hits = probe("trt_subgraph", "cold")
+    assert disk_hits == "0" and int(builds) > 0
+    pool, builds, disk_hits = probe("trt_subgraph", "warm")  # our disk cache, fresh inductor caches
+    assert (pool, builds) == ("False", "0") and int(disk_hits) > 0
+
+
+def test_artifact_loads_compile_in_process_unless_the_user_or_a_running_pool_says_otherwise(monkeypatch):
+    from torch._inductor import CompiledArtifact, async_compile
+    from torch._inductor import config as inductor_config
+
+    from trt_subgraph import _compat
+
+    seen = []
+    monkeypatch.setattr(CompiledArtifact, "load", staticmethod(lambda **kw: seen.append(inductor_config.compile_threads)))
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    with inductor_config.patch(compile_threads=8):
+        _compat.load_compiled_artifact("unused")
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
+        _compat.load_compiled_artifact("unused")
+        monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+        monkeypatch.setattr(async_compile, "_pool_set", {object()})
+        _compat.load_compiled_artifact("unused")
+        assert seen == [1, 8, 8] and inductor_config.compile_threads == 8

@@ -6,7 +6,9 @@ probe where it is known to move, and nowhere else.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -74,17 +76,38 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, dynamic: 
     )
 
 
+def _without_starting_inductor_pool() -> Any:
+    """Load Triton kernels in this process unless inductor's worker pool already runs.
+
+    Inductor starts its compile-worker pool (one process per core, each importing torch) at the
+    first kernel it meets, even one that only needs loading from the cache that the artifact
+    restored. A load compiles nothing, so the workers would only compete for the CPU.
+    ``TORCHINDUCTOR_COMPILE_THREADS`` set by the user wins.
+    """
+    from torch._inductor import config
+
+    if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") or inductor_pool_started():
+        return contextlib.nullcontext()
+    return config.patch(compile_threads=1)
+
+
+def inductor_pool_started() -> bool:
+    """Whether inductor's compile-worker pool was started in this process."""
+    from torch._inductor import async_compile
+
+    return bool(getattr(async_compile, "_pool_set", None))
+
+
 def load_compiled_artifact(path: str) -> Any:
     from torch._inductor import CompiledArtifact
 
-    return CompiledArtifact.load(path=path, format="binary")
+    with _without_starting_inductor_pool():
+        return CompiledArtifact.load(path=path, format="binary")
 
 
 def tracing_with_fake_mode(inputs: list) -> Any:
     """A fresh TracingContext on the fake mode in use, so a nested aot_autograd call (one
     region of a Dynamo graph) neither reads nor overwrites the outer graph's context."""
-    import contextlib
-
     from torch._guards import TracingContext, tracing
 
     fake_mode = detect_fake_mode(inputs)
