@@ -222,6 +222,41 @@ def test_warm_cache_runs_trt_subgraph_twice_sharing_only_its_cache(monkeypatch, 
     assert "trt_subgraph (warm)" in output.markdown(data)
 
 
+def test_runs_repeat_the_sweep_round_by_round_and_keep_the_median_first_call(monkeypatch, tmp_path):
+    first_calls = iter([5.0, 9.0, 7.0, 6.0, 1.0, 8.0, 3.0, 2.0, 4.0])  # 3 rounds of 3 processes
+    seen = []
+
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None):
+        seen.append((case.backend, case.variant, trt_cache_dir))
+        first = next(first_calls)
+        return {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant,
+                "status": "ok", "wall_s": 0.0, "first_call_s": first, "latency_ms_median": first * 10,
+                "latency_ms_p10": 1.0, "latency_ms_p90": 100.0}
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    cfg = runner.Config(models=["encoder"], backends=["inductor", "trt_subgraph"], device="cpu", dtype="float32",
+                        depths=[2], warm_cache=True, runs=3, out=tmp_path)
+    data = runner.run_sweep(cfg, stream=open(os.devnull, "w"))
+    assert [(b, v) for b, v, _ in seen] == [("inductor", "cold"), ("trt_subgraph", "cold"), ("trt_subgraph", "warm")] * 3
+    assert seen[1][2] == seen[2][2] and len({seen[1][2], seen[4][2], seen[7][2]}) == 3  # each warm after its cold
+    rows = {(r["backend"], r["variant"]): r for r in data["results"]}
+    assert len(data["results"]) == 3
+    inductor, cold, warm = rows["inductor", "cold"], rows["trt_subgraph", "cold"], rows["trt_subgraph", "warm"]
+    assert inductor["first_call_s_runs"] == [5.0, 6.0, 3.0] and inductor["first_call_s"] == 5.0
+    assert cold["first_call_s_runs"] == [9.0, 1.0, 2.0] and cold["first_call_s"] == 2.0
+    assert warm["first_call_s_runs"] == [7.0, 8.0, 4.0] and warm["first_call_s"] == 7.0
+    assert warm["latency_ms_median"] == 70.0  # every other column is the median run's own
+    md = (tmp_path / "results.md").read_text()
+    assert "| 2 | trt_subgraph | 2 (1-9) |" in md and "runs 3" in md and "median first call" in md
+
+
+def test_a_failing_run_makes_the_row_an_error_row():
+    ok = {"status": "ok", "first_call_s": 1.0}
+    row = runner.combine([ok, {"status": "error", "error": "boom"}, ok])
+    assert row["status"] == "error" and row["error"] == "run 2 of 3: boom"
+    assert runner.combine([ok]) is ok
+
+
 def test_append_merges_runs_and_refuses_incomparable_settings(monkeypatch, tmp_path):
     def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None):
         return {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant,
@@ -249,6 +284,8 @@ def test_append_merges_runs_and_refuses_incomparable_settings(monkeypatch, tmp_p
 
     with pytest.raises(ValueError, match="dtype differs"):
         runner.run_sweep(cfg(depths=[2], dtype="bfloat16"), stream=devnull)
+    with pytest.raises(ValueError, match="runs differs"):
+        runner.run_sweep(cfg(depths=[2], runs=3), stream=devnull)
     assert len(json.loads((out / "results.json").read_text())["results"]) == 5  # untouched
 
 
@@ -272,6 +309,7 @@ def test_cpu_defaults_are_small_and_cuda_defaults_are_the_issue_sizes():
         (["--depths", "2,x"], "--depths must be comma-separated positive ints"),
         (["--trt-options", "engine"], "expected key=value pairs"),
         (["--device", "tpu"], "allowed: cpu, cuda, cuda:N"),
+        (["--runs", "0"], "runs must be >= 1"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):

@@ -90,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra options for the torch_tensorrt backend")
     p.add_argument("--warm-cache", action="store_true",
                    help="also run each trt_subgraph case again in a new process sharing its disk cache")
+    p.add_argument("--runs", type=int, default=1,
+                   help="fresh processes per case, round by round; the row is the run with the median first "
+                   "call and shows the range of all (default: %(default)s)")
     p.add_argument("--out", type=Path, help="write results.json, results.md, PNG plots (and logs/ of "
                    "failed cases) here")
     p.add_argument("--append", action="store_true",
@@ -123,6 +126,7 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
         trt_options=parse_kv(args.trt_options),
         tt_options=parse_kv(args.torch_tensorrt_options),
         warm_cache=args.warm_cache,
+        runs=args.runs,
         timeout=args.timeout,
         seed=args.seed,
         out=args.out,

@@ -30,6 +30,13 @@ def _status(row: dict[str, Any], width: int) -> str:
     return f"{row.get('status', 'error')}: {err}"[:width]
 
 
+def _first_call(row: dict[str, Any]) -> str:
+    runs = row.get("first_call_s_runs")
+    if not runs:
+        return _num(row.get("first_call_s"))
+    return f"{_num(row['first_call_s'])} ({_num(min(runs))}-{_num(max(runs))})"
+
+
 def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
     """One table row as strings, in COLUMNS order."""
     totals = row.get("trt_totals") or {}
@@ -41,7 +48,7 @@ def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
     return [
         "" if row.get("depth") is None else str(row["depth"]),
         _series(row),
-        _num(row.get("first_call_s")),
+        _first_call(row),
         _num(row.get("latency_ms_median")),
         spread,
         _num(row.get("peak_mem_mb")),
@@ -99,7 +106,7 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         f"- Date: {meta['date']}",
         f"- Versions: {vers}",
         f"- Settings: device {cfg['device']}, dtype {cfg['dtype']}, warmup {cfg['warmup']}, "
-        f"repeats {cfg['repeats']}, seed {cfg['seed']}, 2:4 pruned: {'yes' if cfg['sparse'] else 'no'}, "
+        f"repeats {cfg['repeats']}, runs {cfg.get('runs', 1)}, seed {cfg['seed']}, 2:4 pruned: {'yes' if cfg['sparse'] else 'no'}, "
         f"trt_subgraph options: {json.dumps(cfg['trt_options']) if cfg['trt_options'] else 'defaults'}",
     ]
     commands = meta.get("commands") or []
@@ -114,7 +121,10 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         f"steady-state calls after warmup ({timer}). *peak MB*: {mem}. *rel err*: "
         "‖y − ref‖ / ‖ref‖ in fp32 against an fp32 eager run of the same weights and inputs (worst of "
         "the first and a steady-state call). *uniq/builds/reuses*, *fallback*: trt_subgraph's report "
-        "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch).",
+        "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch)."
+        + (" With several runs per case (round by round, each a fresh process), a row is the run "
+           "with the median first call; the range of all runs' first calls is in brackets."
+           if cfg.get("runs", 1) > 1 else ""),
         "",
     ]
     for model, rows in _by_model(data["results"]).items():
@@ -164,8 +174,10 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     for ax, (model, rows) in zip(axes.flat, groups.items()):
         for name in dict.fromkeys(_series(r) for r in rows):
-            pts = sorted((_x(r), r["first_call_s"]) for r in rows if _series(r) == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, color=colors[name])
+            pts = sorted((_x(r), r["first_call_s"], r.get("first_call_s_runs") or [r["first_call_s"]])
+                         for r in rows if _series(r) == name)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], fmt="o-", capsize=3, label=name,
+                        color=colors[name], yerr=[[p[1] - min(p[2]) for p in pts], [max(p[2]) - p[1] for p in pts]])
         ax.set_xticks(sorted({_x(r) for r in rows}))
         ax.set_title(model)
         ax.set_xlabel("depth (blocks)")
@@ -173,7 +185,10 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    written.append(_finish(plt, fig, axes, n, f"Cold first-call time vs depth ({unit}, fresh process and caches)",
+    runs = data["meta"]["config"].get("runs", 1)
+    title = (f"Cold first call vs depth ({unit}; median, range of {runs} fresh runs)" if runs > 1
+             else f"Cold first-call time vs depth ({unit}, fresh process and caches)")
+    written.append(_finish(plt, fig, axes, n, title,
                            out_dir / "first_call.png"))
 
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)

@@ -5,6 +5,10 @@ directories so that its first call is a true cold compile. With `warm_cache`, ev
 trt_subgraph case runs a second time in a new process that shares only the
 TRT_SUBGRAPH_CACHE_DIR of the first (inductor's and triton's caches still empty): that row is
 the "warm" variant, i.e. what a second process on the same machine pays.
+
+First-call times of identical processes spread by tens of percent (imports, the CPU load of
+compile workers), so ``runs`` repeats the sweep round by round (drift then hits every backend
+alike) and each row is the run with the median first call, holding every run's first call.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Config:
     trt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     tt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     warm_cache: bool = False
+    runs: int = 1
     timeout: float = 900.0
     seed: int = 0
     out: Path | None = None
@@ -76,6 +81,8 @@ class Config:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"unknown device {self.device!r}; allowed: cpu, cuda, cuda:N")
+        if self.runs < 1:
+            raise ValueError(f"runs must be >= 1, got {self.runs}")
         for key in ("repeats", "warmup"):
             v = getattr(self, key)
             if v < (1 if key == "repeats" else 0):
@@ -251,10 +258,12 @@ def _case_log_name(case: Case) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in case.label().replace(" ", "_")) + ".log"
 
 
-def _iter_runs(cfg: Config, all_cases: list[Case], stream: IO[str]) -> Iterator[dict[str, Any]]:
+def _iter_runs(cfg: Config, all_cases: list[Case], stream: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(case index, row) for every process, round by round."""
     warm_dirs: dict[tuple[str, int | None], str] = {}
-    for i, case in enumerate(all_cases, start=1):
-        _progress(stream, i, len(all_cases), case)
+    plan = [(index, case) for _ in range(cfg.runs) for index, case in enumerate(all_cases)]
+    for i, (index, case) in enumerate(plan, start=1):
+        _progress(stream, i, len(plan), case)
         key = (case.model, case.depth)
         shared = cfg.warm_cache and case.backend == "trt_subgraph"
         if shared and case.variant == "cold":
@@ -267,7 +276,19 @@ def _iter_runs(cfg: Config, all_cases: list[Case], stream: IO[str]) -> Iterator[
             if not shared or case.variant == "warm":
                 shutil.rmtree(trt_dir, ignore_errors=True)
         _progress_done(stream, row)
-        yield row
+        yield index, row
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a case's runs: a failed run's row if any failed, else the run with the median
+    first call (the lower middle one of an even count), with every run's first call."""
+    if len(runs) == 1:
+        return runs[0]
+    for i, run in enumerate(runs, start=1):
+        if run.get("status") != "ok":
+            return {**run, "error": f"run {i} of {len(runs)}: {run.get('error', '')}"}
+    median = sorted(runs, key=lambda r: r["first_call_s"])[(len(runs) - 1) // 2]
+    return {**median, "first_call_s_runs": [r["first_call_s"] for r in runs]}
 
 
 def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
@@ -289,14 +310,14 @@ def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
         "versions": versions(),
         "config": _config_dict(cfg),
     }
-    rows: list[dict[str, Any]] = []
+    samples: dict[int, list[dict[str, Any]]] = {}
 
     def current() -> dict[str, Any]:
-        data = {"meta": meta, "results": rows}
+        data = {"meta": meta, "results": [combine(samples[i]) for i in sorted(samples)]}
         return merge(previous, data) if previous else data
 
-    for row in _iter_runs(cfg, cases(cfg), stream):
-        rows.append(row)
+    for index, row in _iter_runs(cfg, cases(cfg), stream):
+        samples.setdefault(index, []).append(row)
         meta["machine"] = meta["machine"] or row.get("machine")
         meta["duration_s"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
         if cfg.out is not None:  # plots only at the end: they take a while
@@ -318,10 +339,11 @@ def _config_dict(cfg: Config) -> dict[str, Any]:
 
 def check_appendable(old: dict[str, Any], new: dict[str, Any]) -> None:
     """Rows of one results file must be comparable: same device, dtype and timing settings."""
-    for key in ("device", "dtype", "warmup", "repeats", "sparse", "trt_options", "seed"):
-        if old.get(key) != new.get(key):
+    for key in ("device", "dtype", "warmup", "repeats", "runs", "sparse", "trt_options", "seed"):
+        before, now = old.get(key, 1 if key == "runs" else None), new.get(key)  # files from before --runs
+        if before != now:
             raise ValueError(f"--append: {key} differs from the results in the --out folder "
-                             f"({old.get(key)!r} there, {new.get(key)!r} now); use another --out")
+                             f"({before!r} there, {now!r} now); use another --out")
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
