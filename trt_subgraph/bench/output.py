@@ -93,6 +93,7 @@ def _sizes(rows: list[dict[str, Any]]) -> str:
 def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
     """Markdown report: machine, date, versions, settings, method, one table per model, plots."""
     meta, cfg = data["meta"], data["meta"]["config"]
+    runs = cfg.get("runs", 1)  # results files from before --runs have none
     v = meta["versions"]
     vers = ", ".join(f"{k} {val if val else '(not installed)' if k != 'cuda' else 'none'}"
                      for k, val in v.items())
@@ -106,7 +107,7 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         f"- Date: {meta['date']}",
         f"- Versions: {vers}",
         f"- Settings: device {cfg['device']}, dtype {cfg['dtype']}, warmup {cfg['warmup']}, "
-        f"repeats {cfg['repeats']}, runs {cfg.get('runs', 1)}, seed {cfg['seed']}, 2:4 pruned: {'yes' if cfg['sparse'] else 'no'}, "
+        f"repeats {cfg['repeats']}, runs {runs}, seed {cfg['seed']}, 2:4 pruned: {'yes' if cfg['sparse'] else 'no'}, "
         f"trt_subgraph options: {json.dumps(cfg['trt_options']) if cfg['trt_options'] else 'defaults'}",
     ]
     commands = meta.get("commands") or []
@@ -124,7 +125,7 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch)."
         + (" With several runs per case (round by round, each a fresh process), a row is the run "
            "with the median first call; the range of all runs' first calls is in brackets."
-           if cfg.get("runs", 1) > 1 else ""),
+           if runs > 1 else ""),
         "",
     ]
     for model, rows in _by_model(data["results"]).items():

@@ -81,12 +81,10 @@ class Config:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"unknown device {self.device!r}; allowed: cpu, cuda, cuda:N")
-        if self.runs < 1:
-            raise ValueError(f"runs must be >= 1, got {self.runs}")
-        for key in ("repeats", "warmup"):
+        for key, least in (("repeats", 1), ("warmup", 0), ("runs", 1)):
             v = getattr(self, key)
-            if v < (1 if key == "repeats" else 0):
-                raise ValueError(f"{key} must be >= {1 if key == 'repeats' else 0}, got {v}")
+            if v < least:
+                raise ValueError(f"{key} must be >= {least}, got {v}")
         if self.depths is not None and any(d < 1 for d in self.depths):
             raise ValueError(f"depths must be positive, got {self.depths}")
         if self.timeout <= 0:
