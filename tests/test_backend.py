@@ -399,3 +399,31 @@ def test_artifact_loads_compile_in_process_unless_the_user_or_a_running_pool_say
         monkeypatch.setattr(async_compile, "_pool_set", {object()})
         _compat.load_compiled_artifact("unused")
         assert seen == [1, 8, 8] and inductor_config.compile_threads == 8
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_is_recorded_at_the_second_call_and_replayed_after_it():
+    from trt_subgraph.runtime import CUDAGraphForward
+
+    capturing = []
+
+    def forward(args: list) -> list:
+        capturing.append(torch.cuda.is_current_stream_capturing())
+        return [args[0] * args[1] + 1]
+
+    weight = torch.randn(64, device="cuda")
+    graphed = CUDAGraphForward(forward, static_positions=[1])
+    for call in range(4):
+        x = torch.randn(64, device="cuda")  # fresh activations: replays must copy them in
+        (y,) = graphed([x, weight])
+        torch.testing.assert_close(y, x * weight + 1)
+        if call == 0:
+            assert graphed.graph is None and capturing == [False]
+    # call 1 ran plain; call 2 ran once on a side stream, then captured; calls 3 and 4 replayed
+    assert capturing == [False, False, True] and graphed.records == 1
+    with torch.no_grad():
+        weight.mul_(2)  # a new version of a static input re-records
+    x = torch.randn(64, device="cuda")
+    torch.testing.assert_close(graphed([x, weight])[0], x * weight + 1)
+    assert graphed.records == 2

@@ -118,7 +118,7 @@ def test_tiny_sweep_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
     for r in rows:
         assert r["status"] == "ok", r.get("error")
         assert r["blocks"] == r["depth"]
-        assert r["first_call_s"] > 0 and r["peak_mem_mb"] > 0
+        assert r["first_call_s"] > 0 and r["second_call_s"] > 0 and r["peak_mem_mb"] > 0
         assert r["latency_ms_p10"] <= r["latency_ms_median"] <= r["latency_ms_p90"]
         assert r["timer"] == "perf_counter" and r["mem_kind"] == "process_max_rss"
         assert r["rel_err"] < 1e-5  # same fp32 weights and inputs as the reference
@@ -128,6 +128,7 @@ def test_tiny_sweep_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
     assert md.startswith("# trt-subgraph bench")
     assert "- Machine: " in md and "torch " + torch.__version__ in md and "## encoder" in md
     assert sum(line.startswith("| 2 | compile:eager |") for line in md.splitlines()) == 1
+    assert "| depth | backend | first call s | 2nd call s | median ms |" in md
 
     pngs = [out / "first_call.png", out / "latency.png"]
     if importlib.util.find_spec("matplotlib") is not None:

@@ -33,7 +33,6 @@ __all__ = [
     "aot_autograd",
     "cslt_available",
     "cslt_compress",
-    "cslt_sparse_mm",
     "detect_fake_mode",
     "erase_nodes",
     "fuse_as_graphmodule",
@@ -81,7 +80,8 @@ def _without_starting_inductor_pool() -> Any:
 
     Inductor starts its compile-worker pool (one process per core, each importing torch) at the
     first kernel it meets, even one that only needs loading from the cache that the artifact
-    restored. A load compiles nothing, so the workers would only compete for the CPU.
+    restored. A load compiles nothing, so the workers would only compete for the CPU. Builds
+    keep the pool: with 10 unique regions (ResNet) it pays (benchmarks/RESULTS.md, issue 6).
     ``TORCHINDUCTOR_COMPILE_THREADS`` set by the user wins.
     """
     from torch._inductor import config
@@ -144,16 +144,11 @@ def cslt_available() -> bool:
         backend is not None
         and backend.is_available()
         and hasattr(torch, "_cslt_compress")
-        and hasattr(torch, "_cslt_sparse_mm")
     )
 
 
 def cslt_compress(weight: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(weight)
-
-
-def cslt_sparse_mm(compressed: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch._cslt_sparse_mm(compressed, dense, bias=bias)
 
 
 def inductor_config_key() -> str:

@@ -57,17 +57,26 @@ def cudagraph_blocker(example_inputs: Sequence[Any]) -> str | None:
 
 
 class CUDAGraphForward:
-    """Replays the whole forward as one CUDA graph; weights are static, activations copied in."""
+    """Replays the whole forward as one CUDA graph; weights are static, activations copied in.
+
+    The first call runs uncaptured and the second records, as inductor's CUDA graph trees do: the
+    first output does not wait for a capture, and one-time lazy set-up (cuBLAS handles, kernel
+    loading) happens before any capture.
+    """
 
     def __init__(self, forward: Callable[[list], Any], static_positions: Sequence[int]) -> None:
         self.forward = forward
         self.static_positions = list(static_positions)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed: str | None = None
+        self.warmed_up = False
         self.records = 0
 
     def __call__(self, args: list) -> Any:
         if self.failed is not None:
+            return self.forward(list(args))
+        if not self.warmed_up:
+            self.warmed_up = True
             return self.forward(list(args))
         # A changed address or version counter (replaced or updated weight) re-records: engines
         # and ops that hold a derived copy of a weight (TensorRT refit, 2:4 compressed weights)
@@ -88,9 +97,8 @@ class CUDAGraphForward:
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.forward(list(inputs))
+            with torch.cuda.stream(stream):  # a side-stream run before capture, as torch.cuda.graphs asks
+                self.forward(list(inputs))
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -1,22 +1,17 @@
 """2:4-sparse linears through cuSPARSELt, for the inductor engine on CUDA (sm80+).
 
 `rewrite_linears` replaces ``addmm(b, x, t(w))`` / ``mm(x, t(w))`` of a 2:4-pruned fp16/bf16
-weight by ``trt_subgraph::sparse_linear(x, w, b)``. The op takes the weight itself (so weights stay
-graph inputs and one artifact serves every block) and looks up its compressed form in the
-process-wide `SPARSE_WEIGHTS`. Compressing costs about as much as the product, so it happens once
-per weight value, never per call.
+weight by ``trt_subgraph::sparse_linear(x, w, b, algorithm)``. The op takes the weight itself (so
+weights stay graph inputs and one artifact serves every block) and looks up its compressed form
+in the process-wide `SPARSE_WEIGHTS`. Compressing costs about as much as the product, so it
+happens once per weight value, never per call.
 
-cuSPARSELt sets up its plan on every call, so sparse only wins inside a CUDA graph and at large
-M (H200, fp16: 8192x2048x5632 sparse 0.190 ms vs dense 0.241; 512x2048x2048 sparse 0.021 vs
-0.010). Mode "auto" therefore measures both at the real shape, inside a CUDA graph, once per
-shape and GPU, and keeps the verdicts in a JSON file (`DECISIONS_FILE` under ``cache_dir``).
-
-The op returns ``(W_s @ x.T).T``: an (M, N) tensor with strides (1, M). Making it contiguous
-would cost a copy of the output, so the layout is declared in the fake impl and the new strides
-are propagated to the ``meta["val"]`` of the nodes downstream (engines check input strides);
-only graph outputs get eager's layout back. ``transpose_result=True`` would give row-major
-outputs, but each uncaptured call then spends about 0.3 s setting up its plan (H100,
-cuSPARSELt 0.8), and warm-up and capture run every layer uncaptured.
+The product runs through `cusparselt` (plans built once; ``torch._cslt_sparse_mm`` rebuilds
+them on every call) and returns the row-major layout ``F.linear`` returns, so nothing downstream
+changes. Which of cuSPARSELt's algorithms is fastest depends on the shape (on an H100 the
+default one is 0.6x dense, the best 1.3-1.5x), so the algorithm is measured at the real shape,
+inside a CUDA graph, once per shape and GPU, with dense alongside for mode "auto". The verdicts
+are kept in a JSON file (`DECISIONS_FILE` under ``cache_dir``).
 """
 from __future__ import annotations
 
@@ -34,10 +29,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
 
-from . import _compat
+from . import _compat, cusparselt
 from .sparsity import analyze_weight, mask_2_4
 
 __all__ = [
+    "ALGORITHMS",
     "DECISIONS_FILE",
     "MIN_SPEEDUP",
     "MODES",
@@ -54,12 +50,12 @@ log = logging.getLogger("trt_subgraph.sparse_runtime")
 MODES = ("auto", "on", "off")
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
 CSLT_MULTIPLE = 16  # cuSPARSELt fp16/bf16: both dims of the sparse operand >= and multiple of 16
-# "auto": sparse must beat dense by 15% at the real shape, alone. The kernel's output is
-# column-major, and consumers pay for reading it: on an H100, in the 16 x 2048 decoder at 8192
-# rows, the kernels reading the attention projections' outputs (residual add + RMSNorm, RoPE, the
-# SDPA head split) took about 1.6 ms more per forward, more than their 1.1x gain (about 0.6 ms).
-# The MLP GEMMs (1.25-1.3x alone) feed a SwiGLU product that does not pay, and they stay sparse.
-MIN_SPEEDUP = 1.15
+# "auto": sparse must beat dense by more than the spread of repeated measurements (a few %).
+MIN_SPEEDUP = 1.05
+# cuSPARSELt lists 53 algorithm ids for the row-major product (H100, 0.8), and some of the higher
+# ones crash the CUDA context ("illegal instruction"; the likely reason cusparseLtMatmulSearch
+# fails on this build). Ids 0-7 ran at every shape tried (H100, sessions 3 and 5).
+ALGORITHMS = range(8)
 DECISIONS_FILE = "sparse_decisions.json"
 UNAVAILABLE = "cuSPARSELt unavailable"
 
@@ -148,37 +144,35 @@ SPARSE_WEIGHTS = SparseWeights()
 # The op
 
 
-def _output_like(x: torch.Tensor, n: int) -> torch.Tensor:
-    """An empty result with the sparse kernel's layout: (N, M) row-major, transposed."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty((n, m)).t()
+def _product(compressed: torch.Tensor, weight_shape: tuple[int, int], x2: torch.Tensor,
+             bias: torch.Tensor | None, algorithm: int) -> torch.Tensor:
+    y = cusparselt.linear(compressed, weight_shape, x2, algorithm)
+    return y if bias is None else y.add_(bias)
 
 
 @torch.library.custom_op(
-    "trt_subgraph::sparse_linear", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+    "trt_subgraph::sparse_linear", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, int algorithm) -> Tensor",
 )
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a 2:4 `weight`, via cuSPARSELt on CUDA.
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, algorithm: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a 2:4 `weight`, via cuSPARSELt's `algorithm` on CUDA.
 
-    cuSPARSELt takes x row- or column-major (an upstream sparse linear leaves it column-major),
-    but needs M to be a multiple of 8. Otherwise, and off CUDA (CPU tests), the same product is
-    computed densely as ``(weight @ x.T).T``, with the same layout as the sparse kernel's.
+    cuSPARSELt needs M (the rows of x) to be a multiple of 8; otherwise, and off CUDA (CPU
+    tests), the product is computed densely.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    if 1 not in x2.stride():
+    if not (x2.is_contiguous() or x2.t().is_contiguous()):
         x2 = x2.contiguous()
     if x.is_cuda and x2.shape[0] % 8 == 0 and x2.shape[0] > 0:
-        yt = _compat.cslt_sparse_mm(SPARSE_WEIGHTS.get(weight), x2.t(), bias)
-    elif bias is not None:  # dense reference path
-        yt = torch.addmm(bias.unsqueeze(1), weight, x2.t())
+        y = _product(SPARSE_WEIGHTS.get(weight), tuple(weight.shape), x2, bias, algorithm)
     else:
-        yt = torch.mm(weight, x2.t())
-    return yt.t().view(*x.shape[:-1], weight.shape[0])
+        y = F.linear(x2, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 @sparse_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _output_like(x, weight.shape[0]).view(*x.shape[:-1], weight.shape[0])
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, algorithm: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +187,8 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"{UNAVAILABLE} (needs compute capability 8.0+)"
     if not _compat.cslt_available():
         return UNAVAILABLE
+    if (why := cusparselt.load_error()) is not None:
+        return f"{UNAVAILABLE} ({why})"
     return None
 
 
@@ -219,28 +215,48 @@ def _graph_ms(fn: Callable[[], Any], device: torch.device, calls: int = 10, repl
 
 
 @torch.no_grad()
-def measure(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool) -> tuple[float, float]:
-    """(dense_ms, sparse_ms) of ``x @ W.T + b`` at (M, K, N) on random 2:4 data, best of 3."""
+def measure(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool) -> tuple[float, float, int]:
+    """(dense_ms, sparse_ms, algorithm) of ``x @ W.T + b`` at (M, K, N) on random 2:4 data.
+
+    Each algorithm of `ALGORITHMS` the shape has is timed once; the three fastest are timed again,
+    interleaved with dense so that clock changes hit both, and the best of three runs counts.
+    """
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
     w = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
     w *= mask_2_4(w, kind="linear")
     b = torch.randn(n, device=device, dtype=dtype, generator=gen) if bias else None
     compressed = _compat.cslt_compress(w)
-    dense, sparse = [], []
-    for _ in range(3):  # interleaved, so clock changes hit both
+
+    def sparse(algorithm: int) -> Callable[[], Any]:
+        return lambda: _product(compressed, (n, k), x, b, algorithm)
+
+    screened = {}
+    max_algorithm = cusparselt.selection(x, n, k).max_algorithm
+    for algorithm in (a for a in ALGORITHMS if a <= max_algorithm):
+        try:
+            screened[algorithm] = _graph_ms(sparse(algorithm), device, calls=5, replays=5)
+        except RuntimeError as exc:  # an id this shape cannot use: fails before any capture
+            log.debug("trt_subgraph: cuSPARSELt algorithm %d at M%d K%d N%d: %s", algorithm, m, k, n, exc)
+    if not screened:
+        raise RuntimeError(f"no cuSPARSELt algorithm runs M{m} K{k} N{n} {dtype}")
+    finalists = sorted(screened, key=screened.__getitem__)[:3]
+    dense, timed = [], {a: [] for a in finalists}
+    for _ in range(3):
         dense.append(_graph_ms(lambda: F.linear(x, w, b), device))
-        sparse.append(_graph_ms(lambda: _compat.cslt_sparse_mm(compressed, x.t(), b).t(), device))
-    return min(dense), min(sparse)
+        for algorithm in finalists:
+            timed[algorithm].append(_graph_ms(sparse(algorithm), device))
+    best = min(finalists, key=lambda a: min(timed[a]))
+    return min(dense), min(timed[best]), best
 
 
-_DECISIONS: dict[str, dict[str, float]] = {}
+_DECISIONS: dict[str, dict[str, Any]] = {}
 
 
 def _decision_key(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool) -> str:
     cslt = torch.backends.cusparselt.version() if _compat.cslt_available() else None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return (f"M{m}xK{k}xN{n} {str(dtype).removeprefix('torch.')} bias={int(bias)} "
+    return (f"M{m}xK{k}xN{n} {str(dtype).removeprefix('torch.')} bias={int(bias)} row-major "
             f"{gpu} torch {torch.__version__} cusparselt {cslt}")
 
 
@@ -255,7 +271,7 @@ def _load_decisions(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _save_decision(path: Path, key: str, timing: dict[str, float]) -> None:
+def _save_decision(path: Path, key: str, timing: dict[str, Any]) -> None:
     """Read-merge-replace atomically: a concurrent writer can at worst cost a re-measurement."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,18 +285,19 @@ def _save_decision(path: Path, key: str, timing: dict[str, float]) -> None:
         log.warning("trt_subgraph: could not save sparse decision to %s (%s)", path, exc)
 
 
-def _timing(key: str, run: Callable[[], tuple[float, float]], cache_dir: Path | None) -> dict[str, float]:
-    """{"dense_ms", "sparse_ms"} from memory, then the decisions file, then `run()`."""
+def _timing(key: str, run: Callable[[], tuple[float, float, int]], cache_dir: Path | None) -> dict[str, Any]:
+    """{"dense_ms", "sparse_ms", "algorithm"} from memory, then the decisions file, then `run()`."""
     if key in _DECISIONS:
         return _DECISIONS[key]
     path = Path(cache_dir) / DECISIONS_FILE if cache_dir is not None else None
     timing = _load_decisions(path).get(key) if path is not None else None
-    if not (isinstance(timing, dict) and {"dense_ms", "sparse_ms"} <= timing.keys()):
-        dense_ms, sparse_ms = run()
-        timing = {"dense_ms": dense_ms, "sparse_ms": sparse_ms}
+    if not (isinstance(timing, dict) and {"dense_ms", "sparse_ms", "algorithm"} <= timing.keys()):
+        dense_ms, sparse_ms, algorithm = run()
+        timing = {"dense_ms": dense_ms, "sparse_ms": sparse_ms, "algorithm": algorithm}
         if path is not None:
             _save_decision(path, key, timing)
-        log.info("trt_subgraph: 2:4 linear %s: dense %.4f ms, sparse %.4f ms", key, dense_ms, sparse_ms)
+        log.info("trt_subgraph: 2:4 linear %s: dense %.4f ms, sparse %.4f ms (algorithm %d)",
+                 key, dense_ms, sparse_ms, algorithm)
     _DECISIONS[key] = timing
     return timing
 
@@ -361,60 +378,6 @@ def _layer_name(node: torch.fx.Node) -> str:
     return path.split("].", 1)[1] if path.startswith("L[") and "]." in path else path
 
 
-def _layout(val: Any) -> Any:
-    """Shape, strides and dtype as strings (comparing SymInts directly would add guards)."""
-    if isinstance(val, torch.Tensor):
-        return (str(val.dtype), tuple(map(str, val.shape)), tuple(map(str, val.stride())))
-    if isinstance(val, (list, tuple)):
-        return tuple(_layout(v) for v in val)
-    return str(val)
-
-
-def _fake_run(node: torch.fx.Node) -> Any:
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
-    return node.target(*args, **kwargs)
-
-
-def _contiguous_clone(gm: torch.fx.GraphModule, node: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
-    with gm.graph.inserting_before(before):
-        clone = gm.graph.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
-    clone.meta = {**node.meta, "val": node.meta["val"].clone(memory_format=torch.contiguous_format)}
-    return clone
-
-
-def _propagate_layouts(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> None:
-    """Recompute ``meta["val"]`` of the new nodes and of every node downstream whose layout changes.
-
-    A downstream op that cannot take the new layout (a ``view`` that was valid on a contiguous
-    tensor) gets contiguous clones of its changed inputs, as the original graph had. So do graph
-    outputs that were contiguous: callers (the user, the next region's compiled code) see the
-    strides eager PyTorch gives.
-    """
-    changed = set(new_nodes)
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    traced = {n: n.meta.get("val") for n in output.all_input_nodes}
-    with _compat.detect_fake_mode([n.meta["val"] for n in new_nodes]):
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or not (node in changed or changed.intersection(node.all_input_nodes)):
-                continue
-            try:
-                val = _fake_run(node)
-            except Exception as exc:  # noqa: BLE001 -- whatever the op rejects, contiguous is what it saw
-                log.debug("trt_subgraph: %s cannot take the sparse layout (%s); adding a clone", node, exc)
-                for a in [a for a in node.all_input_nodes if a in changed]:
-                    node.replace_input_with(a, _contiguous_clone(gm, a, node))
-                try:
-                    val = _fake_run(node)
-                except Exception:  # noqa: BLE001 -- not a layout problem: keep the traced value
-                    continue
-            if node in changed or _layout(val) != _layout(node.meta.get("val")):
-                node.meta["val"] = val
-                changed.add(node)
-    for node, val in traced.items():
-        if node in changed and isinstance(val, torch.Tensor) and val.is_contiguous():
-            output.replace_input_with(node, _contiguous_clone(gm, node, output))
-
-
 def rewrite_linears(
     gm: torch.fx.GraphModule,
     real_inputs: list,
@@ -430,7 +393,8 @@ def rewrite_linears(
     every eligible linear, "auto" only those measured faster (needs `cudagraphs` and a static M).
     `cache_dir`: where "auto" keeps its measurements (`DECISIONS_FILE`); None keeps them in memory.
     Returns one record per linear of a weight: layer, shape [N, K], M, eligible, sparse, reason,
-    dense_ms, sparse_ms. Without cuSPARSELt the graph is left untouched.
+    dense_ms, sparse_ms, algorithm. Without cuSPARSELt the graph is left untouched. The op's output
+    has the shape and strides of the product it replaces, so nothing downstream changes.
     """
     if mode not in MODES:
         raise ValueError(f"sparsity mode must be one of {list(MODES)}, got {mode!r}")
@@ -445,9 +409,9 @@ def rewrite_linears(
     # aot_autograd calls its compilers with its fake mode active; the analysis needs real tensors.
     with unset_fake_temporarily():
         records, chosen = _decide(_find_linears(gm, weights), weights, mode, cudagraphs, cache_dir)
-        new_nodes = [_replace(gm, lin, w) for lin, w in chosen]
-    if new_nodes:
-        _propagate_layouts(gm, new_nodes)
+        for lin, w, algorithm in chosen:
+            _replace(gm, lin, w, algorithm)
+    if chosen:
         gm.graph.lint()
         gm.recompile()
     return records
@@ -455,50 +419,57 @@ def rewrite_linears(
 
 def _decide(
     linears: list[_Linear], weights: dict, mode: str, cudagraphs: bool, cache_dir: Any
-) -> tuple[list[dict[str, Any]], list[tuple[_Linear, torch.Tensor]]]:
+) -> tuple[list[dict[str, Any]], list[tuple[_Linear, torch.Tensor, int]]]:
     records, chosen = [], []
     for lin in linears:
         w = weights[lin.weight]
         m = lin.x.meta["val"].shape[0]
         rec = {"layer": _layer_name(lin.node), "shape": list(w.shape), "M": m if isinstance(m, int) else str(m),
                "eligible": False, "sparse": False, "reason": _ineligible_reason(lin, w),
-               "dense_ms": None, "sparse_ms": None}
+               "dense_ms": None, "sparse_ms": None, "algorithm": None}
         records.append(rec)
         rec["eligible"] = rec["reason"] is None
         if not rec["eligible"]:
             continue
+        args = (m, w.shape[1], w.shape[0], w.dtype, w.device, lin.bias is not None)
         if mode == "off":
             rec["reason"] = "sparsity off"
         elif (why := unavailable_reason(w.device)) is not None:
             rec["reason"] = why
-        elif mode == "on":
-            rec["sparse"] = True
+        elif mode == "on":  # the measured fastest algorithm; cuSPARSELt's default when unmeasured
+            rec["sparse"] = not (isinstance(m, int) and w.is_cuda) or _measured(rec, args, cache_dir)
         elif not cudagraphs:
-            rec["reason"] = "CUDA graphs off (sparse kernels only pay inside one)"
+            rec["reason"] = "CUDA graphs off (sparse kernels are measured and used inside one)"
         elif not isinstance(m, int):
             rec["reason"] = "dynamic batch size (measured per static shape)"
-        else:
-            args = (m, w.shape[1], w.shape[0], w.dtype, w.device, lin.bias is not None)
-            timing = _timing(_decision_key(*args), lambda: measure(*args), cache_dir)
-            rec.update(timing)
-            rec["sparse"] = timing["dense_ms"] >= MIN_SPEEDUP * timing["sparse_ms"]
+        elif _measured(rec, args, cache_dir):
+            rec["sparse"] = rec["dense_ms"] >= MIN_SPEEDUP * rec["sparse_ms"]
             if not rec["sparse"]:
                 rec["reason"] = f"measured not faster (needs {MIN_SPEEDUP:.2f}x)"
         if rec["sparse"]:
-            chosen.append((lin, w))
+            chosen.append((lin, w, rec["algorithm"] or 0))
     return records, chosen
 
 
-def _replace(gm: torch.fx.GraphModule, lin: _Linear, w: torch.Tensor) -> torch.fx.Node:
+def _measured(rec: dict[str, Any], args: tuple, cache_dir: Any) -> bool:
+    """Add the shape's timings and fastest algorithm to `rec`; False (and why) if measuring fails."""
+    try:
+        rec.update(_timing(_decision_key(*args), lambda: measure(*args), cache_dir))
+    except RuntimeError as exc:  # the layer stays dense; the model still compiles
+        rec["reason"] = f"measurement failed ({exc})"
+        return False
+    return True
+
+
+def _replace(gm: torch.fx.GraphModule, lin: _Linear, w: torch.Tensor, algorithm: int) -> None:
     # Read x and bias now: an earlier replacement may have rewired them (chained linears).
     bias, x = lin.node.args[:2] if lin.bias is not None else (None, lin.node.args[0])
     with gm.graph.inserting_before(lin.node):
-        new = gm.graph.call_function(torch.ops.trt_subgraph.sparse_linear.default, (x, lin.weight, bias))
-    new.meta = dict(lin.node.meta)  # nn_module_stack etc.; "val" is recomputed with the new strides
+        new = gm.graph.call_function(torch.ops.trt_subgraph.sparse_linear.default, (x, lin.weight, bias, algorithm))
+    new.meta = dict(lin.node.meta)  # nn_module_stack, and "val": same shape and strides
     lin.node.replace_all_uses_with(new)
     gm.graph.erase_node(lin.node)
     if not lin.transpose.users:
         gm.graph.erase_node(lin.transpose)
     if w.is_cuda:
         SPARSE_WEIGHTS.get(w)  # compress now, not in the first (timed) call
-    return new

@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--repeats", type=int, help="timed calls (default: 100 on CUDA, 20 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed calls after the first (default: 10 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed calls after the first two (both timed: first and 2nd call) (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--sparse", action="store_true", help="prune conv/linear weights to 2:4 first")
     p.add_argument("--trt-options", default="", metavar="K=V,...",
                    help="options for the trt_subgraph backend, e.g. engine=inductor,sparsity=auto")

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("depth", "backend", "first call s", "median ms", "p10-p90 ms", "peak MB", "rel err",
+COLUMNS = ("depth", "backend", "first call s", "2nd call s", "median ms", "p10-p90 ms", "peak MB", "rel err",
            "uniq/builds/reuses", "fallback", "status")
 
 
@@ -49,6 +49,7 @@ def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
         "" if row.get("depth") is None else str(row["depth"]),
         _series(row),
         _first_call(row),
+        _num(row.get("second_call_s")),
         _num(row.get("latency_ms_median")),
         spread,
         _num(row.get("peak_mem_mb")),
@@ -118,8 +119,9 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         "",
         "Each case runs in a fresh process with empty inductor, triton and trt_subgraph caches. "
         "*first call* = compile + first run (synchronized); *(warm)* rows are a second process that "
-        "reuses only the trt_subgraph disk cache of the cold run. *median* and *p10-p90*: latency of "
-        f"steady-state calls after warmup ({timer}). *peak MB*: {mem}. *rel err*: "
+        "reuses only the trt_subgraph disk cache of the cold run. *2nd call*: the next call "
+        "(synchronized), where trt_subgraph and reduce-overhead record their CUDA graphs. *median* and "
+        f"*p10-p90*: latency of steady-state calls after warmup ({timer}). *peak MB*: {mem}. *rel err*: "
         "‖y − ref‖ / ‖ref‖ in fp32 against an fp32 eager run of the same weights and inputs (worst of "
         "the first and a steady-state call). *uniq/builds/reuses*, *fallback*: trt_subgraph's report "
         "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch)."
