@@ -1,4 +1,8 @@
-"""Per-shape verdicts of sparse_runtime.measure for the decoder's GEMMs (H100 run, session 5)."""
+"""What `sparsity="auto"` measures for the decoder's GEMMs: dense vs sparse ms and the fastest algorithm.
+
+Run from the repository root on a CUDA machine: ``OUT=/tmp python benchmarks/sparse/shape_verdicts.py``
+(writes ``$OUT/measure_shapes.json``; the H100 output of session 5 is ``h100_s5_shape_verdicts.json``).
+"""
 import json, os, time, torch
 from trt_subgraph import sparse_runtime as sr, cusparselt
 out = {}
