@@ -128,7 +128,8 @@ class Selection:
     """
 
     def __init__(self, device: int, dtype: torch.dtype, n: int, k: int, m: int, x_row_major: bool) -> None:
-        lib, self.handle = _library(), _handle(device)
+        self.lib = lib = _library()
+        self.handle = _handle(device)
         self.device, self.n, self.m = device, n, m
         h, value_type = self.handle.ptr, _DATA_TYPES[dtype]
         self.sparse, self.dense, self.out = _Opaque(), _Opaque(), _Opaque()
@@ -160,9 +161,11 @@ class Selection:
         self.max_algorithm = max_id.value
 
     def _plan(self, algorithm: int) -> tuple[_Opaque, torch.Tensor | None]:
+        if algorithm in self.plans:  # every call after the first: no lock
+            return self.plans[algorithm]
         with _lock:
             if algorithm not in self.plans:
-                lib, h, plan = _library(), self.handle.ptr, _Opaque()
+                lib, h, plan = self.lib, self.handle.ptr, _Opaque()
                 chosen = ctypes.c_int(algorithm)
                 _check(lib.cusparseLtMatmulAlgSetAttribute(h, self.algorithms.ptr, _ALG_CONFIG_ID,
                                                            ctypes.byref(chosen), ctypes.sizeof(chosen)),
@@ -180,7 +183,7 @@ class Selection:
         plan, workspace = self._plan(algorithm)
         y = x2.new_empty((self.m, self.n))
         self.streams[0] = torch.cuda.current_stream(x2.device).cuda_stream
-        _check(_library().cusparseLtMatmul(
+        _check(self.lib.cusparseLtMatmul(
             self.handle.ptr, plan.ptr, ctypes.byref(self.alpha), compressed.data_ptr(), x2.data_ptr(),
             ctypes.byref(self.beta), y.data_ptr(), y.data_ptr(),
             workspace.data_ptr() if workspace is not None else None, self.streams, 1), "Matmul")
@@ -196,6 +199,8 @@ def selection(x2: torch.Tensor, n: int, k: int) -> Selection:
     x_row_major = x2.stride(1) == 1
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     key = (device, x2.dtype, n, k, x2.shape[0], x_row_major)
+    if key in _selections:  # every call after the first: no lock
+        return _selections[key]
     with _lock:
         if key not in _selections:
             _selections[key] = Selection(*key)
