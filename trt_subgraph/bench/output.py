@@ -126,7 +126,8 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         "the first and a steady-state call). *uniq/builds/reuses*, *fallback*: trt_subgraph's report "
         "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch)."
         + (" With several runs per case (round by round, each a fresh process), a row is the run "
-           "with the median first call; the range of all runs' first calls is in brackets."
+           "with the median first call (of an even count, the faster middle one); the range of all "
+           "runs' first calls is in brackets."
            if runs > 1 else ""),
         "",
     ]
