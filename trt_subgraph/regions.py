@@ -32,6 +32,7 @@ from .engines.base import ACTIVATION, SYMINT, WEIGHT, Engine
 from .fingerprint import UnhashableArgument, describe
 from .options import Options
 from .report import Report, SubgraphRecord, record
+from .sparse_runtime import module_path
 from .split import assign_blocks
 
 log = logging.getLogger("trt_subgraph")
@@ -240,16 +241,11 @@ def _merge_reports(engine, engine_reason, method, labels, instances, lowered, sp
     return report
 
 
-def _module_path(label: str | None) -> str | None:
-    """``L['self'].layers[3]`` -> ``layers.3``-style path as the sparsity report names layers."""
-    if label is None:
-        return None
-    return label.split("].", 1)[1] if label.startswith("L[") and "]." in label else label
-
-
 def _rename(layer: str, rep_label: str | None, label: str | None) -> str:
     """A layer name of the lowered region, moved to the same layer of another instance."""
-    old, new = _module_path(rep_label), _module_path(label)
+    if rep_label is None or label is None:
+        return layer
+    old, new = module_path(rep_label), module_path(label)
     if old and new and layer.startswith(old):
         return new + layer[len(old):]
     return layer

@@ -40,6 +40,7 @@ __all__ = [
     "SPARSE_WEIGHTS",
     "SparseWeights",
     "measure",
+    "module_path",
     "rewrite_linears",
     "sparse_linear",
     "unavailable_reason",
@@ -379,12 +380,16 @@ def _ineligible_reason(lin: _Linear, w: torch.Tensor) -> str | None:
     return "; ".join(reasons) or None
 
 
+def module_path(path: str) -> str:
+    """``L['self'].layers[3].fc`` -> ``layers[3].fc``: a Dynamo module path as the report names layers."""
+    return path.split("].", 1)[1] if path.startswith("L[") and "]." in path else path
+
+
 def _layer_name(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return node.name
-    path = str(list(stack.values())[-1][0])
-    return path.split("].", 1)[1] if path.startswith("L[") and "]." in path else path
+    return module_path(str(list(stack.values())[-1][0]))
 
 
 def rewrite_linears(
