@@ -66,6 +66,8 @@ with torch.no_grad():
         from trt_subgraph.bench.backends import find_blocks
         for b in find_blocks(model): b.compile(backend="inductor")
         fn = model
+    elif spec["backend"] == "eager":
+        fn = torch.compile(model, backend="eager")
     else:
         fn = torch.compile(model, backend="inductor")
     prof = cProfile.Profile() if spec.get("cprofile") else None
