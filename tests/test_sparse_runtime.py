@@ -227,15 +227,15 @@ def twins() -> Twins:
 def test_auto_measures_each_shape_once_and_keeps_it_on_disk(available, monkeypatch, tmp_path):
     calls = []
 
-    def fake_measure(m, k, n, dtype, device, bias):
-        calls.append((m, k, n, dtype, bias))
+    def fake_measure(m, k, n, dtype, device, bias, graphed):
+        calls.append((m, k, n, dtype, bias, graphed))
         return 1.0, 0.5, 7
 
     monkeypatch.setattr(sr, "measure", fake_measure)
     compiled, info = compile_with_rewrite(twins(), "auto", cache_dir=tmp_path)
     with torch.no_grad():
         compiled(torch.randn(32, 64, dtype=torch.float16))
-    assert calls == [(32, 64, 64, torch.float16, True)]  # two layers, one shape
+    assert calls == [(32, 64, 64, torch.float16, True, True)]  # two layers, one shape, in a CUDA graph
     assert [(r["sparse"], r["dense_ms"], r["sparse_ms"], r["algorithm"]) for r in info["records"]] == [
         (True, 1.0, 0.5, 7)] * 2
     assert [n.args[3] for n in info["gm"].graph.nodes if n.target is OP] == [7, 7]  # the measured algorithm
@@ -277,13 +277,26 @@ def test_a_failed_measurement_keeps_the_layer_dense_and_says_why(available, monk
     assert OP not in ops(info["gm"])
 
 
-def test_auto_without_cudagraphs_does_not_measure(available, monkeypatch):
-    monkeypatch.setattr(sr, "measure", lambda *a: pytest.fail("measured without CUDA graphs"))
-    compiled, info = compile_with_rewrite(twins(), "auto", cudagraphs=False)
-    with torch.no_grad():
-        compiled(torch.randn(32, 64, dtype=torch.float16))
-    assert [r["reason"].startswith("CUDA graphs off") for r in info["records"]] == [True, True]
-    assert OP not in ops(info["gm"])
+@pytest.mark.parametrize("dense_ms, sparse", [(1.0, True), (0.5, False)])
+def test_auto_without_cudagraphs_times_eagerly_and_keeps_that_apart(available, monkeypatch, tmp_path, dense_ms, sparse):
+    """Outside a CUDA graph the op's host work counts, so its timings never stand in for graphed ones."""
+    graphed = []
+    monkeypatch.setattr(sr, "measure", lambda *args: graphed.append(args[-1]) or (dense_ms, 0.5, 3))
+    for cudagraphs in (False, True):
+        torch.compiler.reset()
+        compiled, info = compile_with_rewrite(twins(), "auto", cudagraphs=cudagraphs, cache_dir=tmp_path)
+        with torch.no_grad():
+            compiled(torch.randn(32, 64, dtype=torch.float16))
+        assert [r["sparse"] for r in info["records"]] == [sparse, sparse]
+        assert (OP in ops(info["gm"])) is sparse
+    assert graphed == [False, True]  # one measurement each: the first did not answer for the second
+    keys = json.loads((tmp_path / sr.DECISIONS_FILE).read_text())
+    assert sorted(key.endswith(" eager") for key in keys) == [False, True]
+    if not sparse:
+        compiled, info = compile_with_rewrite(twins(), "auto", cudagraphs=False, cache_dir=tmp_path)
+        with torch.no_grad():
+            compiled(torch.randn(32, 64, dtype=torch.float16))
+        assert info["records"][0]["reason"] == "measured not faster (needs 1.05x, timed without CUDA graphs)"
 
 
 class Flatten(nn.Module):
@@ -409,6 +422,16 @@ def test_new_address_gets_a_new_buffer():
     assert len(registry) == 2
 
 
+def test_discard_drops_only_that_weights_copy():
+    registry, _ = counting_registry()
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    registry.get(a), registry.get(b)
+    registry.discard(a[:8])  # another tensor at the same address is not the source
+    assert len(registry) == 2
+    registry.discard(a)
+    assert len(registry) == 1 and registry.get(b) is registry.get(b)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: real kernels
 
@@ -490,15 +513,25 @@ def test_inductor_in_a_cuda_graph_matches_and_follows_weight_updates():
 
 
 @on_cuda
+@pytest.mark.parametrize("graphed", [True, False])
+def test_measure_leaves_no_compressed_copy_behind(graphed):
+    before = len(sr.SPARSE_WEIGHTS)
+    dense_ms, sparse_ms, algorithm = sr.measure(256, 512, 256, torch.float16, torch.device("cuda"), True, graphed)
+    assert dense_ms > 0 and sparse_ms > 0 and algorithm in sr.ALGORITHMS
+    assert len(sr.SPARSE_WEIGHTS) == before
+
+
+@on_cuda
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="timings asserted for Hopper")
-def test_auto_picks_sparse_for_a_large_gemm_and_dense_for_a_small_one(tmp_path):
+@pytest.mark.parametrize("cudagraphs", [True, False], ids=["in-graph", "eager"])
+def test_auto_picks_sparse_for_a_large_gemm_and_dense_for_a_small_one(tmp_path, cudagraphs):
     torch.manual_seed(0)
     model = nn.Linear(2048, 5632, bias=False).cuda().half().eval()
     prune_2_4(model)
     for m, expect in [(8192, True), (512, False)]:
         torch.compiler.reset()
-        compiled, info = compile_with_rewrite(model, "auto", cache_dir=tmp_path)
+        compiled, info = compile_with_rewrite(model, "auto", cudagraphs=cudagraphs, cache_dir=tmp_path)
         with torch.no_grad():
             compiled(torch.randn(m, 2048, device="cuda", dtype=torch.float16))
         (record,) = info["records"]

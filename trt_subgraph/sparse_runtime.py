@@ -133,6 +133,12 @@ class SparseWeights:
     def clear(self) -> None:
         self._entries.clear()
 
+    def discard(self, weight: torch.Tensor) -> None:
+        """Drop `weight`'s compressed copy now (a measurement's weight, about to be freed)."""
+        entry = self._entries.get(weight.data_ptr())
+        if entry is not None and entry.source() is weight:
+            del self._entries[weight.data_ptr()]
+
     def _recompress(self, entry: _Entry, source: torch.Tensor) -> None:
         entry.compressed.copy_(self._compress(source))
         entry.version = source._version
@@ -222,12 +228,30 @@ def _graph_ms(fn: Callable[[], Any], device: torch.device, calls: int = 10, repl
     return start.elapsed_time(end) / (calls * replays)
 
 
+def _eager_ms(fn: Callable[[], Any], device: torch.device, calls: int = 20) -> float:
+    """Milliseconds per `fn` call, called back to back: host overhead counts where it dominates."""
+    stream = torch.cuda.current_stream(device)
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(calls):
+        fn()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 @torch.no_grad()
-def measure(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool) -> tuple[float, float, int]:
+def measure(
+    m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool, graphed: bool = True
+) -> tuple[float, float, int]:
     """(dense_ms, sparse_ms, algorithm) of ``x @ W.T + b`` at (M, K, N) on random 2:4 data.
 
-    Each algorithm of `ALGORITHMS` the shape has is timed once; the three fastest are timed again,
-    interleaved with dense so that clock changes hit both, and the best of three runs counts.
+    Each algorithm of `ALGORITHMS` the shape has is timed once inside a CUDA graph (kernel time);
+    the three fastest are timed again, interleaved with dense so that clock changes hit both, and
+    the best of three runs counts. That second round runs as the model will: inside a CUDA graph
+    when `graphed`, else eagerly through the op, whose per-call host work then counts too.
     """
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
@@ -236,10 +260,22 @@ def measure(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bi
     # (1.2 GiB for a 32000x2048 lm head), all of it inside the compile's peak.
     w.view(n, k // 4, 4)[..., 2:] = 0
     b = torch.randn(n, device=device, dtype=dtype, generator=gen) if bias else None
-    compressed = _compat.cslt_compress(w)
+    compressed = SPARSE_WEIGHTS.get(w)  # the op's eager path finds this copy, not a second one
+    try:
+        return _measure(x, w, b, compressed, graphed)
+    finally:
+        SPARSE_WEIGHTS.discard(w)
+
+
+def _measure(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, compressed: torch.Tensor,
+             graphed: bool) -> tuple[float, float, int]:
+    (m, k), n, device = x.shape, w.shape[0], x.device
 
     def sparse(algorithm: int) -> Callable[[], Any]:
         return lambda: _product(compressed, (n, k), x, b, algorithm)
+
+    def sparse_op(algorithm: int) -> Callable[[], Any]:
+        return lambda: torch.ops.trt_subgraph.sparse_linear.default(x, w, b, algorithm)
 
     screened = {}
     max_algorithm = cusparselt.selection(x, n, k).max_algorithm
@@ -249,13 +285,14 @@ def measure(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bi
         except RuntimeError as exc:  # an id this shape cannot use: fails before any capture
             log.debug("trt_subgraph: cuSPARSELt algorithm %d at M%d K%d N%d: %s", algorithm, m, k, n, exc)
     if not screened:
-        raise RuntimeError(f"no cuSPARSELt algorithm runs M{m} K{k} N{n} {dtype}")
+        raise RuntimeError(f"no cuSPARSELt algorithm runs M{m} K{k} N{n} {x.dtype}")
     finalists = sorted(screened, key=screened.__getitem__)[:3]
+    timer, run = (_graph_ms, sparse) if graphed else (_eager_ms, sparse_op)
     dense, timed = [], {a: [] for a in finalists}
     for _ in range(3):
-        dense.append(_graph_ms(lambda: F.linear(x, w, b), device))
+        dense.append(timer(lambda: F.linear(x, w, b), device))
         for algorithm in finalists:
-            timed[algorithm].append(_graph_ms(sparse(algorithm), device))
+            timed[algorithm].append(timer(run(algorithm), device))
     best = min(finalists, key=lambda a: min(timed[a]))
     return min(dense), min(timed[best]), best
 
@@ -263,11 +300,12 @@ def measure(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bi
 _DECISIONS: dict[str, dict[str, Any]] = {}
 
 
-def _decision_key(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool) -> str:
+def _decision_key(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool,
+                  graphed: bool) -> str:
     cslt = torch.backends.cusparselt.version() if _compat.cslt_available() else None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return (f"M{m}xK{k}xN{n} {str(dtype).removeprefix('torch.')} bias={int(bias)} row-major "
-            f"{gpu} torch {torch.__version__} cusparselt {cslt}")
+            f"{gpu} torch {torch.__version__} cusparselt {cslt}" + ("" if graphed else " eager"))
 
 
 def _load_decisions(path: Path) -> dict[str, Any]:
@@ -404,7 +442,8 @@ def rewrite_linears(
     """Route eligible 2:4 linears of an ATen inference graph through ``trt_subgraph::sparse_linear``.
 
     `real_inputs`/`weight_flags` are per placeholder. `mode`: "off" never rewrites, "on" rewrites
-    every eligible linear, "auto" only those measured faster (needs `cudagraphs` and a static M).
+    every eligible linear, "auto" only those measured faster (needs a static M), timed as they
+    will run: inside a CUDA graph when `cudagraphs` (the forward will be one), else eagerly.
     `cache_dir`: where "auto" keeps its measurements (`DECISIONS_FILE`); None keeps them in memory.
     Returns one record per linear of a weight: layer, shape [N, K], M, eligible, sparse, reason,
     dense_ms, sparse_ms, algorithm. Without cuSPARSELt the graph is left untouched. The op's output
@@ -445,21 +484,20 @@ def _decide(
         rec["eligible"] = rec["reason"] is None
         if not rec["eligible"]:
             continue
-        args = (m, w.shape[1], w.shape[0], w.dtype, w.device, lin.bias is not None)
+        args = (m, w.shape[1], w.shape[0], w.dtype, w.device, lin.bias is not None, cudagraphs)
         if mode == "off":
             rec["reason"] = "sparsity off"
         elif (why := unavailable_reason(w.device)) is not None:
             rec["reason"] = why
         elif mode == "on":  # the measured fastest algorithm; cuSPARSELt's default when unmeasured
             rec["sparse"] = not (isinstance(m, int) and w.is_cuda) or _measured(rec, args, cache_dir)
-        elif not cudagraphs:
-            rec["reason"] = "CUDA graphs off (sparse kernels are measured and used inside one)"
         elif not isinstance(m, int):
             rec["reason"] = "dynamic batch size (measured per static shape)"
         elif _measured(rec, args, cache_dir):
             rec["sparse"] = rec["dense_ms"] >= MIN_SPEEDUP * rec["sparse_ms"]
             if not rec["sparse"]:
-                rec["reason"] = f"measured not faster (needs {MIN_SPEEDUP:.2f}x)"
+                where = "" if cudagraphs else ", timed without CUDA graphs"
+                rec["reason"] = f"measured not faster (needs {MIN_SPEEDUP:.2f}x{where})"
         if rec["sparse"]:
             chosen.append((lin, w, rec["algorithm"] or 0))
     return records, chosen
