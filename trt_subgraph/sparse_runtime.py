@@ -218,20 +218,13 @@ def _graph_ms(fn: Callable[[], Any], device: torch.device, calls: int = 10, repl
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (calls * replays)
+    return _eager_ms(graph.replay, device, calls=replays, warmup=1) / calls
 
 
-def _eager_ms(fn: Callable[[], Any], device: torch.device, calls: int = 20) -> float:
+def _eager_ms(fn: Callable[[], Any], device: torch.device, calls: int = 20, warmup: int = 3) -> float:
     """Milliseconds per `fn` call, called back to back: host overhead counts where it dominates."""
     stream = torch.cuda.current_stream(device)
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record(stream)
