@@ -11,6 +11,7 @@ relative relocation pointing exactly there), which is what registering it takes.
 
 Run ``python tests/contract_tools.py [--dir DIR]`` for a report; the tests use the functions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # label -> (distribution, version). The bindings pair with torch_tensorrt through its METADATA
 # (2.11.0 requires tensorrt-cu13-bindings>=10.15.1,<10.16.0; 2.13.0 requires >=11.0.0,<11.1.0).
@@ -37,9 +39,16 @@ WHEELS = {
 PAIRS = [("torch_tensorrt-2.11", "tensorrt-10.15"), ("torch_tensorrt-2.13", "tensorrt-11.0")]
 PLATFORM_ARGS = ["--only-binary=:all:", "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64"]
 _NETWORK_MARKERS = (
-    "NewConnectionError", "Failed to establish a new connection", "Name or service not known",
-    "Temporary failure in name resolution", "Network is unreachable", "ConnectTimeoutError",
-    "Connection refused", "No route to host", "ProxyError", "ReadTimeoutError",
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "ConnectTimeoutError",
+    "Connection refused",
+    "No route to host",
+    "ProxyError",
+    "ReadTimeoutError",
 )
 
 
@@ -76,15 +85,31 @@ def fetch(directory: Path) -> dict[str, Path]:
 
 
 def _pip_download(directory: Path, requirement: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *PLATFORM_ARGS, "-d", str(directory),
-           "--timeout", "20", "--retries", "1", "--disable-pip-version-check", requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        *PLATFORM_ARGS,
+        "-d",
+        str(directory),
+        "--timeout",
+        "20",
+        "--retries",
+        "1",
+        "--disable-pip-version-check",
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 0:
         return
     output = proc.stdout + proc.stderr
     if "(from versions: none)" in output and any(m in output for m in _NETWORK_MARKERS):
-        raise NetworkUnavailable(f"pip could not reach the package index for {requirement}: "
-                                 + next(line for line in output.splitlines() if any(m in line for m in _NETWORK_MARKERS)))
+        raise NetworkUnavailable(
+            f"pip could not reach the package index for {requirement}: "
+            + next(line for line in output.splitlines() if any(m in line for m in _NETWORK_MARKERS))
+        )
     raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{output[-3000:]}")
 
 
@@ -121,6 +146,7 @@ def extract(wheel: Path, directory: Path, predicate) -> Path:
 
 # ---- torch_tensorrt: static resolution of dotted names over its sources --------------------
 
+
 class SourceTree:
     """Resolves ``torch_tensorrt.a.b.name`` to its ``def``/``class``/assignment, following imports."""
 
@@ -134,7 +160,7 @@ class SourceTree:
                 return candidate
         return None
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def module_ast(self, dotted: str) -> ast.Module:
         return ast.parse(self.module_path(dotted).read_text(), filename=dotted)
 
@@ -304,6 +330,7 @@ def function_source(tree: SourceTree, dotted: str) -> str:
 
 # ---- TensorRT: names registered by the compiled bindings ----------------------------------
 
+
 class ElfStrings:
     """NUL-terminated strings of an x86-64 ELF shared object that its code or data points at."""
 
@@ -319,7 +346,9 @@ class ElfStrings:
         phentsize, phnum = struct.unpack_from("<HH", self.data, 0x36)
         segments = []
         for i in range(phnum):
-            p_type, p_flags, p_offset, p_vaddr, _, p_filesz = struct.unpack_from("<IIQQQQ", self.data, phoff + i * phentsize)
+            p_type, p_flags, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
+                "<IIQQQQ", self.data, phoff + i * phentsize
+            )
             if p_type == 1:  # PT_LOAD
                 segments.append((p_offset, p_vaddr, p_filesz, p_flags))
         return segments
@@ -341,8 +370,10 @@ class ElfStrings:
         shentsize, shnum = struct.unpack_from("<HH", self.data, 0x3A)
         targets = set()
         for i in range(shnum):
-            sh_type, sh_offset, sh_size = [struct.unpack_from(f, self.data, shoff + i * shentsize + o)[0]
-                                           for f, o in (("<I", 4), ("<Q", 24), ("<Q", 32))]
+            sh_type, sh_offset, sh_size = [
+                struct.unpack_from(f, self.data, shoff + i * shentsize + o)[0]
+                for f, o in (("<I", 4), ("<Q", 24), ("<Q", 32))
+            ]
             if sh_type == 4:  # SHT_RELA
                 for entry in range(sh_offset, sh_offset + sh_size, 24):
                     _, info, addend = struct.unpack_from("<QQq", self.data, entry)
@@ -386,8 +417,13 @@ def check_trt(strings: ElfStrings, contract: dict[str, list[str]]) -> list[str]:
 # ---- what the adapter uses ----------------------------------------------------------------
 
 # Variables (or attributes) that hold TensorRT objects in the adapter, by convention.
-TRT_RECEIVERS = {"engine": "ICudaEngine", "context": "IExecutionContext", "refitter": "Refitter",
-                 "runtime": "Runtime", "ser_config": "ISerializationConfig"}
+TRT_RECEIVERS = {
+    "engine": "ICudaEngine",
+    "context": "IExecutionContext",
+    "refitter": "Refitter",
+    "runtime": "Runtime",
+    "ser_config": "ISerializationConfig",
+}
 
 
 def _chain(node: ast.AST) -> list[str] | None:
@@ -428,16 +464,22 @@ def adapter_usage(path: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[str,
                 trt.add(tuple(chain[1:3]))
             elif chain[-2] in TRT_RECEIVERS:
                 trt.add((TRT_RECEIVERS[chain[-2]], chain[-1]))
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
-                and len(node.args) == 2 and isinstance(node.args[1], ast.Constant)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "hasattr"
+            and len(node.args) == 2
+            and isinstance(node.args[1], ast.Constant)
+        ):
             chain = _chain(node.args[0])
             if chain and chain[0] == "trt":
                 trt.add(tuple([*chain[1:], node.args[1].value][:2]))
     return torch_trt, trt
 
 
-def usage_problems(path: Path, torch_trt_contract: dict[str, dict[str, Any]],
-                   trt_contract: dict[str, list[str]]) -> list[str]:
+def usage_problems(
+    path: Path, torch_trt_contract: dict[str, dict[str, Any]], trt_contract: dict[str, list[str]]
+) -> list[str]:
     """Uses in the adapter that its contract tables do not cover."""
     used_tt, used_trt = adapter_usage(path)
     problems = []
@@ -447,8 +489,10 @@ def usage_problems(path: Path, torch_trt_contract: dict[str, dict[str, Any]],
             problems.append(f"{dotted} is used but not in TORCH_TRT_CONTRACT")
             continue
         if use["positional"] > spec.get("positional", 0):
-            problems.append(f"{dotted} is called with {use['positional']} positional arguments, "
-                            f"the contract says {spec.get('positional', 0)}")
+            problems.append(
+                f"{dotted} is called with {use['positional']} positional arguments, "
+                f"the contract says {spec.get('positional', 0)}"
+            )
         extra = use["kwargs"] - set(spec.get("kwargs", []))
         if None in extra:
             problems.append(f"{dotted} is called with **kwargs, which the contract cannot check")
@@ -463,7 +507,7 @@ def usage_problems(path: Path, torch_trt_contract: dict[str, dict[str, Any]],
 # ---- torch_tensorrt's own lowering on a CPU, with TensorRT stubbed out -------------------------
 
 # A permissive stand-in module: every attribute is a memoized dummy class, enough for imports.
-_STUB = '''
+_STUB = """
 __version__ = "0.0.0"
 _cache = {}
 
@@ -505,7 +549,7 @@ def __getattr__(name):
 import sys as _sys
 
 tensorrt = _sys.modules[__name__]  # trt.tensorrt.ITensor is trt.ITensor
-'''
+"""
 
 
 def write_stubs(directory: Path) -> Path:
@@ -531,12 +575,13 @@ def lowering_probe(src: Path, stubs: Path) -> dict[str, Any]:
     """The adapter's lowering (torch.export, then torch_tensorrt's front end from ``src``) on every
     instance of a repeated block, in a subprocess with TensorRT stubbed out."""
     path = os.pathsep.join(map(str, [src, stubs, Path(__file__).parent, Path(__file__).resolve().parents[1]]))
-    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": path})
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE")), None)
     if proc.returncode or line is None:
         raise RuntimeError(f"lowering probe failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("PROBE"):])
+    return json.loads(line[len("PROBE") :])
 
 
 def _probe_in_process() -> dict[str, Any]:
@@ -557,12 +602,14 @@ def _probe_in_process() -> dict[str, Any]:
         for weights in unit.instance_weights:
             gm, _ = engine._lowered(unit.sub, list(weights), settings)
             attrs = sorted(n.target for n in gm.graph.nodes if n.op == "get_attr")
-            seen.append({
-                "code": gm.code,
-                "names": [get_node_name(n) for n in gm.graph.nodes if n.op in ("call_function", "get_attr")],
-                "values": tuple(float(getattr(gm, t).double().sum()) for t in attrs),
-                "attrs": attrs,
-            })
+            seen.append(
+                {
+                    "code": gm.code,
+                    "names": [get_node_name(n) for n in gm.graph.nodes if n.op in ("call_function", "get_attr")],
+                    "values": tuple(float(getattr(gm, t).double().sum()) for t in attrs),
+                    "attrs": attrs,
+                }
+            )
         result["subgraphs"][unit.sub.fingerprint] = {
             "instances": len(seen),
             "identical_graphs": all(s["code"] == seen[0]["code"] for s in seen),
@@ -570,8 +617,9 @@ def _probe_in_process() -> dict[str, Any]:
             "names": seen[0]["names"],
             "attrs": seen[0]["attrs"],
             "distinct_values": len({s["values"] for s in seen}),
-            "supported": {str(n.target): engine.is_node_supported(n)
-                          for n in unit.sub.gm.graph.nodes if n.op == "call_function"},
+            "supported": {
+                str(n.target): engine.is_node_supported(n) for n in unit.sub.gm.graph.nodes if n.op == "call_function"
+            },
         }
     return result
 

@@ -1,4 +1,5 @@
 """End-to-end behaviour of the backend on CPU, always compared with eager PyTorch."""
+
 from __future__ import annotations
 
 import ast
@@ -248,6 +249,32 @@ def test_grad_path_is_differentiable_and_matches_eager(caplog):
     assert "gradients are enabled" in caplog.text
 
 
+def test_reset_forgets_what_this_process_holds(caplog):
+    """``trt_subgraph.reset()`` (also run by ``torch._dynamo.reset()``): artifacts in memory, the
+    report history, warnings already shown; a compiled function still referenced keeps working."""
+    model, inputs = models.build("mlp", width=16, batch=4)
+    first = compiled(model, engine="inductor", cache_dir=None)
+    with torch.no_grad():
+        expected = first(*inputs)
+    assert trt_subgraph.last_report() is not None
+    for forget in (trt_subgraph.reset, torch._dynamo.reset):
+        forget()
+        assert trt_subgraph.last_report() is None
+        torch._dynamo.reset()  # Dynamo's own cache, so that the model compiles again
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(model, engine="inductor", cache_dir=None)(*inputs), expected)
+        assert {s.status for s in trt_subgraph.last_report().subgraphs} == {"built"}  # not memory hits
+    with torch.no_grad():
+        torch.testing.assert_close(first(*inputs), expected)
+
+    x = torch.randn(4, 8)
+    with caplog.at_level(logging.WARNING, logger="trt_subgraph"):
+        for _ in range(2):
+            torch._dynamo.reset()
+            compiled(TwoLayers())(x)
+    assert caplog.text.count("gradients are enabled") == 2  # once per process, and reset starts over
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -291,6 +318,7 @@ def test_engine_failure_at_run_time_falls_back(monkeypatch, caplog):
     def bind(self, artifact, sub):
         def runner(*args):
             raise RuntimeError("engine crashed")
+
         return runner
 
     monkeypatch.setattr(EagerEngine, "bind", bind)
@@ -329,20 +357,70 @@ def test_backend_works_without_importing_the_package():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_every_private_torch_import_is_in_the_compat_module():
+# Modules without a leading underscore whose contents PyTorch does not keep stable either.
+PRIVATE_TORCH_MODULES = ("torch.fx.experimental.proxy_tensor", "torch.multiprocessing.reductions")
+
+
+def _private_torch_uses(source: str) -> list[str]:
+    """Each private torch API `source` reaches: imports of ``torch._x`` modules or names and of
+    `PRIVATE_TORCH_MODULES`, attribute reads ``torch._x``, and ``._version`` of any tensor."""
+
+    def private_module(name: str) -> bool:
+        return name.startswith("torch._") or name in PRIVATE_TORCH_MODULES
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if private_module(node.module):
+                found.append(f"from {node.module} import")
+            elif node.module == "torch":
+                found += [f"from torch import {a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if private_module(a.name)]
+        elif isinstance(node, ast.Attribute):
+            if node.attr == "_version":
+                found.append("._version")
+            elif (
+                isinstance(node.value, ast.Name)
+                and node.value.id == "torch"
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                found.append(f"torch.{node.attr}")
+    return found
+
+
+def test_every_private_torch_api_is_reached_through_the_compat_module():
     package = pathlib.Path(trt_subgraph.__file__).parent
     offenders = []
-    for path in package.rglob("*.py"):
-        if path.name == "_compat.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            offenders += [f"{path.name}: {n}" for n in names if n.startswith("torch._")]
+    for path in sorted(package.rglob("*.py")):
+        if path.name != "_compat.py":
+            offenders += [f"{path.relative_to(package)}: {use}" for use in _private_torch_uses(path.read_text())]
     assert offenders == []
+
+
+def test_the_private_torch_api_check_sees_every_kind_of_use():
+    source = """
+import torch._dynamo
+from torch._inductor import config
+from torch import _dynamo
+from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
+from torch.multiprocessing.reductions import StorageWeakRef
+torch._cslt_compress(w)
+v = w._version
+ok = torch.__version__, torch.fx.Graph, torch.ops.aten.mm.default
+"""
+    assert sorted(_private_torch_uses(source)) == sorted(
+        [
+            "import torch._dynamo",
+            "from torch._inductor import",
+            "from torch import _dynamo",
+            "from torch.fx.experimental.proxy_tensor import",
+            "from torch.multiprocessing.reductions import",
+            "torch._cslt_compress",
+            "._version",
+        ]
+    )
 
 
 _POOL_PROBE = """
@@ -366,10 +444,14 @@ print("@@", _compat.inductor_pool_started(), totals.get("builds"), totals.get("d
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_loading_inductor_artifacts_does_not_start_inductors_worker_pool(tmp_path):
     """A load compiles nothing; the pool's workers would each import torch for nothing."""
+
     def probe(backend: str, inductor_dir: str) -> list[str]:
         env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
-        env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / inductor_dir), TRITON_CACHE_DIR=str(tmp_path / inductor_dir / "triton"),
-                   TRT_SUBGRAPH_CACHE_DIR=str(tmp_path / "trt_subgraph"))
+        env.update(
+            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / inductor_dir),
+            TRITON_CACHE_DIR=str(tmp_path / inductor_dir / "triton"),
+            TRT_SUBGRAPH_CACHE_DIR=str(tmp_path / "trt_subgraph"),
+        )
         proc = subprocess.run([sys.executable, "-c", _POOL_PROBE, backend], env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return next(line for line in proc.stdout.splitlines() if line.startswith("@@")).split()[1:]
@@ -378,7 +460,7 @@ def test_loading_inductor_artifacts_does_not_start_inductors_worker_pool(tmp_pat
         pytest.skip("inductor starts no worker pool on this machine, so there is nothing to avoid")
     _, builds, disk_hits = probe("trt_subgraph", "cold")
     assert disk_hits == "0" and int(builds) > 0
-    pool, builds, disk_hits = probe("trt_subgraph", "warm")  # our disk cache, fresh inductor caches
+    pool, builds, disk_hits = probe("trt_subgraph", "warm")  # trt_subgraph's disk cache warm, inductor's caches fresh
     assert (pool, builds) == ("False", "0") and int(disk_hits) > 0
 
 
@@ -389,7 +471,9 @@ def test_artifact_loads_compile_in_process_unless_the_user_or_a_running_pool_say
     from trt_subgraph import _compat
 
     seen = []
-    monkeypatch.setattr(CompiledArtifact, "load", staticmethod(lambda **kw: seen.append(inductor_config.compile_threads)))
+    monkeypatch.setattr(
+        CompiledArtifact, "load", staticmethod(lambda **kw: seen.append(inductor_config.compile_threads))
+    )
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     with inductor_config.patch(compile_threads=8):
         _compat.load_compiled_artifact("unused")

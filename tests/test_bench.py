@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import os
 import textwrap
@@ -17,10 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from trt_subgraph.bench import add_cli, cli, models, output, runner
+from trt_subgraph.bench import models, output, runner
 from trt_subgraph.bench.backends import find_blocks
+from trt_subgraph.cli import bench as cli
+from trt_subgraph.cli.bench import add_cli
 
 SMALL = dict(depth=2, width=32, batch=2, seq=8, image=32)
+
+
+@pytest.fixture(autouse=True)
+def _bytecode_present(monkeypatch):
+    """Sweeps here never compile bytecode into ~/.cache, whatever the environment ships; the
+    bytecode tests below replace this."""
+    monkeypatch.setattr(runner, "has_bytecode", lambda prefix, sources=None: True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +77,7 @@ def test_build_is_deterministic_and_seed_dependent():
     b, xb = models.build("decoder", **SMALL, seed=1)
     c, _ = models.build("decoder", **SMALL, seed=2)
     assert torch.equal(xa[0], xb[0])
-    for (k, va), vb, vc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     assert not torch.equal(a.layers[0].q_proj.weight, c.layers[0].q_proj.weight)
 
@@ -104,9 +114,30 @@ def _rows(out_dir: Path) -> list[dict]:
 
 def test_tiny_sweep_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["--models", "encoder", "--backends", "eager,compile:eager", "--depths", "1,2",
-                   "--width", "16", "--batch", "2", "--seq", "8", "--device", "cpu", "--repeats", "3",
-                   "--warmup", "1", "--out", str(out)])
+    rc = cli.main(
+        [
+            "--models",
+            "encoder",
+            "--backends",
+            "eager,compile:eager",
+            "--depths",
+            "1,2",
+            "--width",
+            "16",
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--device",
+            "cpu",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert "[1/4] encoder depth=1 eager ... " in captured.err and "[4/4]" in captured.err
@@ -114,7 +145,11 @@ def test_tiny_sweep_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
 
     rows = _rows(out)
     assert [(r["depth"], r["backend"]) for r in rows] == [
-        (1, "eager"), (1, "compile:eager"), (2, "eager"), (2, "compile:eager")]
+        (1, "eager"),
+        (1, "compile:eager"),
+        (2, "eager"),
+        (2, "compile:eager"),
+    ]
     for r in rows:
         assert r["status"] == "ok", r.get("error")
         assert r["blocks"] == r["depth"]
@@ -169,9 +204,26 @@ def helper_module(tmp_path, monkeypatch):
 
 def test_factory_model_works_and_a_failing_backend_is_an_error_row(tmp_path, helper_module, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["--model", f"{helper_module}:make", "--backends", "eager,compile:no_such_backend",
-                   "--depths", "3", "--width", "12", "--device", "cpu", "--repeats", "2", "--warmup", "0",
-                   "--out", str(out)])
+    rc = cli.main(
+        [
+            "--model",
+            f"{helper_module}:make",
+            "--backends",
+            "eager,compile:no_such_backend",
+            "--depths",
+            "3",
+            "--width",
+            "12",
+            "--device",
+            "cpu",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     ok, bad = _rows(out)
     assert ok["backend"] == "eager" and ok["status"] == "ok", ok.get("error")
@@ -193,8 +245,7 @@ def test_a_factory_that_raises_is_an_error_row(helper_module):
 
 
 def test_timeout_becomes_a_row_and_kills_the_case(helper_module):
-    cfg = runner.Config(models=[f"{helper_module}:slow"], backends=["eager"], device="cpu",
-                        dtype="float32", timeout=3)
+    cfg = runner.Config(models=[f"{helper_module}:slow"], backends=["eager"], device="cpu", dtype="float32", timeout=3)
     (case,) = runner.cases(cfg)
     row = runner.run_case(case, trt_cache_dir="/nonexistent", timeout=3)
     assert row["status"] == "timeout" and "timed out after 3s" in row["error"]
@@ -204,18 +255,35 @@ def test_timeout_becomes_a_row_and_kills_the_case(helper_module):
 def test_warm_cache_runs_trt_subgraph_twice_sharing_only_its_cache(monkeypatch, tmp_path):
     seen = []
 
-    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None):
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None, env=None):
         seen.append((case.backend, case.variant, case.depth, trt_cache_dir))
-        return {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant,
-                "status": "ok", "wall_s": 0.0}
+        return {
+            "model": case.model,
+            "depth": case.depth,
+            "backend": case.backend,
+            "variant": case.variant,
+            "status": "ok",
+            "wall_s": 0.0,
+        }
 
     monkeypatch.setattr(runner, "run_case", fake_run_case)
-    cfg = runner.Config(models=["encoder"], backends=["inductor", "trt_subgraph"], device="cpu",
-                        dtype="float32", depths=[2, 4], warm_cache=True)
+    cfg = runner.Config(
+        models=["encoder"],
+        backends=["inductor", "trt_subgraph"],
+        device="cpu",
+        dtype="float32",
+        depths=[2, 4],
+        warm_cache=True,
+    )
     data = runner.run_sweep(cfg, stream=open(os.devnull, "w"))
     assert [(b, v, d) for b, v, d, _ in seen] == [
-        ("inductor", "cold", 2), ("trt_subgraph", "cold", 2), ("trt_subgraph", "warm", 2),
-        ("inductor", "cold", 4), ("trt_subgraph", "cold", 4), ("trt_subgraph", "warm", 4)]
+        ("inductor", "cold", 2),
+        ("trt_subgraph", "cold", 2),
+        ("trt_subgraph", "warm", 2),
+        ("inductor", "cold", 4),
+        ("trt_subgraph", "cold", 4),
+        ("trt_subgraph", "warm", 4),
+    ]
     dirs = [s[3] for s in seen]
     assert dirs[1] == dirs[2] and dirs[4] == dirs[5]
     assert len({dirs[0], dirs[1], dirs[3], dirs[4]}) == 4
@@ -227,18 +295,39 @@ def test_runs_repeat_the_sweep_round_by_round_and_keep_the_median_first_call(mon
     first_calls = iter([5.0, 9.0, 7.0, 6.0, 1.0, 8.0, 3.0, 2.0, 4.0])  # 3 rounds of 3 processes
     seen = []
 
-    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None):
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None, env=None):
         seen.append((case.backend, case.variant, trt_cache_dir))
         first = next(first_calls)
-        return {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant,
-                "status": "ok", "wall_s": 0.0, "first_call_s": first, "latency_ms_median": first * 10,
-                "latency_ms_p10": 1.0, "latency_ms_p90": 100.0}
+        return {
+            "model": case.model,
+            "depth": case.depth,
+            "backend": case.backend,
+            "variant": case.variant,
+            "status": "ok",
+            "wall_s": 0.0,
+            "first_call_s": first,
+            "latency_ms_median": first * 10,
+            "latency_ms_p10": 1.0,
+            "latency_ms_p90": 100.0,
+        }
 
     monkeypatch.setattr(runner, "run_case", fake_run_case)
-    cfg = runner.Config(models=["encoder"], backends=["inductor", "trt_subgraph"], device="cpu", dtype="float32",
-                        depths=[2], warm_cache=True, runs=3, out=tmp_path)
+    cfg = runner.Config(
+        models=["encoder"],
+        backends=["inductor", "trt_subgraph"],
+        device="cpu",
+        dtype="float32",
+        depths=[2],
+        warm_cache=True,
+        runs=3,
+        out=tmp_path,
+    )
     data = runner.run_sweep(cfg, stream=open(os.devnull, "w"))
-    assert [(b, v) for b, v, _ in seen] == [("inductor", "cold"), ("trt_subgraph", "cold"), ("trt_subgraph", "warm")] * 3
+    assert [(b, v) for b, v, _ in seen] == [
+        ("inductor", "cold"),
+        ("trt_subgraph", "cold"),
+        ("trt_subgraph", "warm"),
+    ] * 3
     assert seen[1][2] == seen[2][2] and len({seen[1][2], seen[4][2], seen[7][2]}) == 3  # each warm after its cold
     rows = {(r["backend"], r["variant"]): r for r in data["results"]}
     assert len(data["results"]) == 3
@@ -259,18 +348,34 @@ def test_a_failing_run_makes_the_row_an_error_row():
 
 
 def test_append_merges_runs_and_refuses_incomparable_settings(monkeypatch, tmp_path):
-    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None):
-        return {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant,
-                "status": "ok", "wall_s": 0.0, "first_call_s": float(case.depth), "machine": "test machine",
-                "latency_ms_median": 2.0, "latency_ms_p10": 1.0, "latency_ms_p90": 3.0}
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None, env=None):
+        return {
+            "model": case.model,
+            "depth": case.depth,
+            "backend": case.backend,
+            "variant": case.variant,
+            "status": "ok",
+            "wall_s": 0.0,
+            "first_call_s": float(case.depth),
+            "machine": "test machine",
+            "latency_ms_median": 2.0,
+            "latency_ms_p10": 1.0,
+            "latency_ms_p90": 3.0,
+        }
 
     monkeypatch.setattr(runner, "run_case", fake_run_case)
     devnull = open(os.devnull, "w")
     out = tmp_path / "out"
 
     def cfg(**kw):
-        base = dict(models=["encoder"], backends=["inductor", "trt_subgraph"], device="cpu", dtype="float32",
-                    out=out, append=True)
+        base = dict(
+            models=["encoder"],
+            backends=["inductor", "trt_subgraph"],
+            device="cpu",
+            dtype="float32",
+            out=out,
+            append=True,
+        )
         return runner.Config(**{**base, **kw})
 
     runner.run_sweep(cfg(depths=[8, 32], command="first"), stream=devnull)
@@ -278,7 +383,12 @@ def test_append_merges_runs_and_refuses_incomparable_settings(monkeypatch, tmp_p
     runner.run_sweep(cfg(depths=[4, 32], backends=["trt_subgraph"], command="second"), stream=devnull)
     data = json.loads((out / "results.json").read_text())
     assert [(r["depth"], r["backend"]) for r in data["results"]] == [
-        (4, "trt_subgraph"), (8, "inductor"), (8, "trt_subgraph"), (32, "inductor"), (32, "trt_subgraph")]
+        (4, "trt_subgraph"),
+        (8, "inductor"),
+        (8, "trt_subgraph"),
+        (32, "inductor"),
+        (32, "trt_subgraph"),
+    ]
     assert data["meta"]["commands"] == ["first", "second"]
     md = (out / "results.md").read_text()
     assert "`first`" in md and "`second`" in md
@@ -290,7 +400,7 @@ def test_append_merges_runs_and_refuses_incomparable_settings(monkeypatch, tmp_p
     assert len(json.loads((out / "results.json").read_text())["results"]) == 5  # untouched
 
 
-def test_cpu_defaults_are_small_and_cuda_defaults_are_the_issue_sizes():
+def test_cpu_defaults_are_small_and_cuda_defaults_are_the_gpu_benchmark_sizes():
     cpu = runner.Config(models=["encoder", "vit", "mlp"], backends=["eager"], device="cpu", dtype="float32")
     got = {(c.model, c.depth): c.spec["model_kwargs"] for c in runner.cases(cpu)}
     assert got[("encoder", 2)] == {"width": 64, "batch": 2, "seq": 16, "depth": 2}
@@ -320,7 +430,12 @@ def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
 
 def test_trt_options_are_parsed_with_types():
     assert cli.parse_kv("engine=inductor, sparsity=auto,cudagraphs=false,min_block_size=3,cache_dir=none") == {
-        "engine": "inductor", "sparsity": "auto", "cudagraphs": False, "min_block_size": 3, "cache_dir": None}
+        "engine": "inductor",
+        "sparsity": "auto",
+        "cudagraphs": False,
+        "min_block_size": 3,
+        "cache_dir": None,
+    }
 
 
 def test_add_cli_registers_the_bench_subcommand():
@@ -335,9 +450,17 @@ def test_add_cli_registers_the_bench_subcommand():
 def test_sparse_case_prunes_before_the_reference():
     from trt_subgraph.bench import _case
 
-    spec = {"model": "encoder", "model_kwargs": {"depth": 2, "width": 16, "batch": 2, "seq": 4},
-            "backend": "eager", "device": "cpu", "dtype": "float32", "warmup": 0, "repeats": 2,
-            "sparse": True, "seed": 0}
+    spec = {
+        "model": "encoder",
+        "model_kwargs": {"depth": 2, "width": 16, "batch": 2, "seq": 4},
+        "backend": "eager",
+        "device": "cpu",
+        "dtype": "float32",
+        "warmup": 0,
+        "repeats": 2,
+        "sparse": True,
+        "seed": 0,
+    }
     res = _case.run_case(spec)
     assert res["status"] == "ok", res.get("error")
     assert res["pruned_layers"] == 2 * 4  # qkv, proj, fc1, fc2 of each block
@@ -348,7 +471,113 @@ def test_sparse_case_prunes_before_the_reference():
 def test_cuda_case_without_cuda_is_an_error_row():
     from trt_subgraph.bench import _case
 
-    spec = {"model": "mlp", "model_kwargs": {"width": 8, "batch": 2}, "backend": "eager", "device": "cuda",
-            "dtype": "float16", "warmup": 0, "repeats": 1, "seed": 0}
+    spec = {
+        "model": "mlp",
+        "model_kwargs": {"width": 8, "batch": 2},
+        "backend": "eager",
+        "device": "cuda",
+        "dtype": "float16",
+        "warmup": 0,
+        "repeats": 1,
+        "seed": 0,
+    }
     res = _case.run_case(spec)
     assert res["status"] == "error" and "torch.cuda.is_available() is False" in res["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bytecode for the case processes
+
+
+class _FakeCaseProcess:
+    """Stands in for subprocess.Popen of a case process: records its environment, returns a result."""
+
+    envs: list[dict[str, str]] = []
+
+    def __init__(self, cmd, *, env, **kwargs):
+        assert cmd[1:3] == ["-m", "trt_subgraph.bench._case"]
+        self.envs.append(env)
+        self.pid, self.returncode = 0, 0
+
+    def communicate(self, timeout=None):
+        from trt_subgraph.bench._case import MARKER
+
+        result = {
+            "status": "ok",
+            "first_call_s": 1.0,
+            "latency_ms_median": 1.0,
+            "latency_ms_p10": 1.0,
+            "latency_ms_p90": 1.0,
+        }
+        return MARKER + json.dumps(result) + "\n", ""
+
+
+@pytest.mark.parametrize("user_prefix", [False, True])
+def test_missing_bytecode_is_compiled_once_and_every_case_process_gets_the_prefix(monkeypatch, tmp_path, user_prefix):
+    compiled = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if user_prefix:  # the user's PYTHONPYCACHEPREFIX is where the bytecode goes
+        prefix = str(tmp_path / "mine")
+        monkeypatch.setenv("PYTHONPYCACHEPREFIX", prefix)
+    else:
+        prefix = str(tmp_path / "xdg" / "trt_subgraph-bench" / "pycache")
+        monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setattr(runner, "has_bytecode", lambda p, sources=None: False)
+    monkeypatch.setattr(runner, "compile_bytecode", lambda p, paths: compiled.append((p, paths)))
+    monkeypatch.setattr(_FakeCaseProcess, "envs", [])
+    monkeypatch.setattr(runner.subprocess, "Popen", _FakeCaseProcess)
+
+    cfg = runner.Config(
+        models=["encoder"],
+        backends=["eager", "trt_subgraph"],
+        device="cpu",
+        dtype="float32",
+        depths=[2],
+        warm_cache=True,
+        runs=2,
+    )
+    stream = io.StringIO()
+    data = runner.run_sweep(cfg, stream=stream)
+
+    assert len(compiled) == 1 and compiled[0][0] == prefix  # once, before the first case
+    torch_dir = os.path.dirname(torch.__file__)
+    assert torch_dir in compiled[0][1] and os.path.dirname(os.__file__) not in compiled[0][1]
+    assert os.path.join(os.path.dirname(os.__file__), "json") in compiled[0][1]  # the standard library
+    envs = _FakeCaseProcess.envs
+    assert len(envs) == 6  # 2 runs x (eager, trt_subgraph cold, trt_subgraph warm)
+    assert all(e["PYTHONPYCACHEPREFIX"] == prefix for e in envs)
+    assert all(e["TORCHINDUCTOR_CACHE_DIR"] != envs[0]["TORCHINDUCTOR_CACHE_DIR"] for e in envs[1:])
+    assert data["meta"]["bytecode"].startswith(f"compiled into {prefix} (PYTHONPYCACHEPREFIX)")
+    assert stream.getvalue().startswith("bytecode: torch has no compiled bytecode")
+    assert all(r["status"] == "ok" for r in data["results"])
+
+
+def test_bytecode_off_or_present_leaves_the_case_environment_alone(monkeypatch):
+    def no_compile(prefix, paths):
+        raise AssertionError("compiled")
+
+    monkeypatch.setattr(runner, "compile_bytecode", no_compile)
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    assert runner.prepare_bytecode("off", ["encoder"], io.StringIO()) == ({}, "off")
+    assert runner.prepare_bytecode("auto", ["encoder"], io.StringIO()) == ({}, "present (beside the sources)")
+    monkeypatch.setattr(runner, "has_bytecode", lambda p, sources=None: False)
+    assert runner.prepare_bytecode("off", ["encoder"], io.StringIO()) == ({}, "off")
+    with pytest.raises(ValueError, match="unknown bytecode mode 'on'; allowed: auto, off"):
+        runner.Config(models=["encoder"], backends=["eager"], device="cpu", dtype="float32", bytecode="on")
+
+
+def test_compile_bytecode_writes_where_a_prefixed_interpreter_looks(monkeypatch, tmp_path):
+    monkeypatch.undo()  # the real has_bytecode
+    pkg = tmp_path / "src" / "tinypkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("X = 1\n")
+    (pkg / "mod.py").write_text("Y = 2\n")
+    sources = [str(pkg / "__init__.py"), str(pkg / "mod.py")]
+    prefix = str(tmp_path / "pyc")
+    assert not runner.has_bytecode(prefix, sources)
+    runner.compile_bytecode(prefix, [str(pkg)])
+    assert runner.has_bytecode(prefix, sources)
+    assert not runner.has_bytecode(None, sources)  # nothing written beside the sources
+    # A --model factory's package is compiled too.
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    assert str(pkg) in runner.bytecode_sources(["tinypkg.mod:make"])

@@ -1,4 +1,5 @@
 """The disk cache seen through the backend: warm second processes, concurrency, faults, keys."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,14 @@ print(json.dumps({"totals": r["totals"], "statuses": [s["status"] for s in r["su
 """
 
 
-def run_children(cache_dir, n=1):
+def run_children(cache_dir, n=1, env=None):
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD, str(cache_dir)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(cache_dir)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         for _ in range(n)
     ]
     results = []
@@ -46,6 +52,39 @@ def test_second_process_starts_warm(tmp_path):
     assert warm["totals"]["builds"] == 0
     assert set(warm["statuses"]) == {"disk_hit"}
     assert cold["err"] < 1e-5 and warm["err"] < 1e-5
+
+
+def test_entries_are_keyed_by_the_cpu_instruction_set(tmp_path):
+    """A cache shared by machines whose CPUs differ (an NFS home): a process where inductor
+    generates code for another vector ISA must not load the entries (they compute garbage)."""
+    (cold,) = run_children(tmp_path / "c")
+    assert cold["totals"]["builds"] >= 2
+    for capability in ("default", "avx2"):  # scalar code, and AVX2 where the machine has more
+        env = {"ATEN_CPU_CAPABILITY": capability}
+        (other,) = run_children(tmp_path / "c", env=env)
+        assert other["err"] < 1e-5, capability
+        if _picked_isa(env) == _picked_isa({}):  # this machine's own pick: its entries apply
+            assert set(other["statuses"]) == {"disk_hit"}, capability
+        else:  # built anew, or (where inductor cannot compile this ISA) run in PyTorch
+            assert "disk_hit" not in other["statuses"], capability
+
+
+def _picked_isa(env):
+    code = "from trt_subgraph import _compat; print(_compat.cpu_codegen_key()['vec_isa'])"
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_cpu_codegen_key_follows_aten_cpu_capability(monkeypatch):
+    from trt_subgraph import _compat
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    scalar = _compat.cpu_codegen_key()
+    assert scalar["vec_isa"] == "INVALID_VEC_ISA" and scalar["compiler"].strip()
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    native = _compat.cpu_codegen_key()
+    assert native["compiler"] == scalar["compiler"] and native["arch"] == scalar["arch"]
 
 
 def test_concurrent_processes_build_each_subgraph_once(tmp_path):

@@ -1,4 +1,5 @@
 """ONNX export of unique subgraphs: runs in onnxruntime, matches PyTorch, names equal across instances."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,11 @@ import torch
 
 import trt_subgraph
 from trt_subgraph.bench import models
+from trt_subgraph.cli.export import add_cli
+from trt_subgraph.cli.factory import load_factory
 from trt_subgraph.engines.base import ACTIVATION
 from trt_subgraph.engines.tensorrt import to_constant_module
-from trt_subgraph.export import add_cli, export_onnx, export_subgraph, load_factory
+from trt_subgraph.export import export_onnx, export_subgraph
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -87,8 +90,9 @@ def test_instances_share_initializer_names_and_differ_in_values(name, tmp_path):
         names_b = export_subgraph(unit.sub, last, b)
         assert names_a == names_b
         graph_a, graph_b = onnx.load(str(a)).graph, onnx.load(str(b)).graph
-        assert [(n.op_type, list(n.input), list(n.output)) for n in graph_a.node] == \
-               [(n.op_type, list(n.input), list(n.output)) for n in graph_b.node]
+        assert [(n.op_type, list(n.input), list(n.output)) for n in graph_a.node] == [
+            (n.op_type, list(n.input), list(n.output)) for n in graph_b.node
+        ]
         values_a = {i.name: onnx.numpy_helper.to_array(i) for i in graph_a.initializer}
         values_b = {i.name: onnx.numpy_helper.to_array(i) for i in graph_b.initializer}
         differing = [k for k in values_a if k.startswith("w_") and not np.array_equal(values_a[k], values_b[k])]
@@ -101,12 +105,14 @@ def test_instances_share_initializer_names_and_differ_in_values(name, tmp_path):
 def test_cli_writes_files_and_index(tmp_path, monkeypatch, capsys):
     package = tmp_path / "factories"
     package.mkdir()
-    (package / "tiny_models.py").write_text(textwrap.dedent("""
+    (package / "tiny_models.py").write_text(
+        textwrap.dedent("""
         from trt_subgraph.bench import models
 
         def make():
             return models.build("mlp", width=16, batch=2)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(package))
     parser = argparse.ArgumentParser(prog="trt-subgraph")
     add_cli(parser.add_subparsers(dest="command", required=True))
@@ -121,7 +127,7 @@ def test_cli_writes_files_and_index(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("spec", ["no_colon", "os:", ":make", "os:not_there"])
 def test_bad_factory_spec_is_a_value_error(spec):
-    with pytest.raises(ValueError, match="--model|callable"):
+    with pytest.raises(ValueError, match=r"--model|callable"):
         load_factory(spec)
 
 

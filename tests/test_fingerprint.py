@@ -1,4 +1,5 @@
 """Fingerprints: equal for identical blocks in any process, different for any structural change."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Region-by-region lowering: one aot_autograd trace per unique region, same answers as eager."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,10 @@ import torch.nn as nn
 
 import trt_subgraph
 from trt_subgraph import backend, engines, regions
-from trt_subgraph import sparse_runtime as sr
 from trt_subgraph.bench import models
 from trt_subgraph.engines.eager import EagerEngine
 from trt_subgraph.engines.inductor import InductorEngine
+from trt_subgraph.sparse import runtime as sr
 from trt_subgraph.sparsity import analyze_weight, mask_2_4, prune_2_4
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
@@ -164,8 +165,7 @@ class TwoFourEagerEngine(EagerEngine):
 @pytest.fixture
 def two_four_engine(monkeypatch):
     real = engines.engine_class
-    monkeypatch.setattr(engines, "engine_class",
-                        lambda name: TwoFourEagerEngine if name == "eager" else real(name))
+    monkeypatch.setattr(engines, "engine_class", lambda name: TwoFourEagerEngine if name == "eager" else real(name))
 
 
 @pytest.mark.parametrize("path", ["regions", "whole graph"])
@@ -184,10 +184,13 @@ def test_blocks_pruned_differently_never_share_code(two_four_engine, monkeypatch
     assert blocks[0].fingerprint == blocks[1].fingerprint and blocks[0].variant != blocks[1].variant
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("vit", dict(depth=3, width=32, batch=2, image=32)),
-    ("decoder", dict(depth=3, width=32, batch=2, seq=8)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("vit", dict(depth=3, width=32, batch=2, image=32)),
+        ("decoder", dict(depth=3, width=32, batch=2, seq=8)),
+    ],
+)
 def test_other_models_lower_one_block(name, kwargs):
     model, inputs = models.build(name, **kwargs)
     _, actual, expected = compile_and_run(model, inputs)
@@ -208,3 +211,80 @@ def test_a_failure_while_splitting_falls_back_to_the_whole_graph(monkeypatch, ca
     assert "split exploded" in caplog.text and "lowering the whole graph" in caplog.text
     report = trt_subgraph.last_report()
     assert report.regions == {} and report.totals["reuses"] == 2
+
+
+def _scale_closure(scale):
+    def act(x):
+        return x * scale
+
+    return torch.compiler.allow_in_graph(act)
+
+
+class _Scaler:
+    """Per-instance state behind one qualified name (a bound method, or the instance itself)."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, x):
+        return x * self.scale
+
+    def apply(self, x):
+        return x * self.scale
+
+
+def _scaled(x, scale):
+    return x * scale
+
+
+def _opaque_callables(kind, scales):
+    """One opaque callable per block, all under one qualified name, each with its own state."""
+    import functools
+
+    if kind == "closure":
+        return [_scale_closure(s) for s in scales]
+    if kind == "bound method":
+        return [torch.compiler.allow_in_graph(_Scaler(s).apply) for s in scales]
+    return [torch.compiler.allow_in_graph(functools.partial(_scaled, scale=s)) for s in scales]
+
+
+class _OpaqueBlock(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.lin(x))
+
+
+@pytest.mark.parametrize("kind", ["closure", "bound method", "partial"])
+def test_blocks_calling_different_opaque_callables_keep_their_own_state(kind):
+    """Region keys name a callable only when the name is the callable: blocks whose opaque
+    callables share a qualified name but hold different state must not share compiled code."""
+    torch.manual_seed(0)
+    acts = _opaque_callables(kind, (1.0, -3.0, 10.0))
+    model = nn.Sequential(*[_OpaqueBlock(a) for a in acts]).eval()
+    _, got, ref = compile_and_run(model, [torch.randn(4, 16)])
+    torch.testing.assert_close(got, ref, **TIGHT)
+
+
+def test_blocks_sharing_one_opaque_callable_still_share_a_region():
+    act = _scale_closure(2.0)
+    model = nn.Sequential(*[_OpaqueBlock(act) for _ in range(3)]).eval()
+    _, got, ref = compile_and_run(model, [torch.randn(4, 16)])
+    torch.testing.assert_close(got, ref, **TIGHT)
+    assert trt_subgraph.last_report().regions["lowered"] < trt_subgraph.last_report().regions["regions"]
+
+
+def test_fingerprint_names_only_callables_whose_name_is_the_callable():
+    import functools
+    import operator
+
+    from trt_subgraph.fingerprint import callable_name
+
+    assert callable_name(torch.ops.aten.mm.default) == "aten.mm.default"
+    for named in (operator.getitem, torch.relu, torch.nn.functional.gelu, torch.Tensor.add, _scaled):
+        assert callable_name(named) is not None, named
+    for opaque in (_scale_closure(1.0), _Scaler(1.0), _Scaler(1.0).apply, functools.partial(_scaled, scale=1.0)):
+        assert callable_name(opaque) is None, opaque

@@ -4,6 +4,7 @@ CPU tests pretend cuSPARSELt is available (``unavailable_reason`` patched) so th
 the op's CPU path is a dense reference (``F.linear``). CUDA tests run the
 real kernels and are skipped without a GPU.
 """
+
 from __future__ import annotations
 
 import gc
@@ -15,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import trt_subgraph
-from trt_subgraph import _compat, cusparselt
-from trt_subgraph import sparse_runtime as sr
+from trt_subgraph import _compat
 from trt_subgraph.backend import _is_weight
 from trt_subgraph.runtime import CUDAGraphForward
+from trt_subgraph.sparse import cusparselt
+from trt_subgraph.sparse import runtime as sr
 from trt_subgraph.sparsity import analyze_weight, mask_2_4, prune_2_4
 
 FP16 = dict(rtol=2e-2, atol=2e-2)
@@ -27,7 +29,6 @@ OP = torch.ops.trt_subgraph.sparse_linear.default
 
 def on_cuda(test):
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
-
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +77,9 @@ def compile_with_rewrite(model, mode, *, cudagraphs=True, engine="eager", cache_
 
         def inference(aot_gm, fake_inputs):
             info["code_before"] = aot_gm.code
-            info["records"] = sr.rewrite_linears(aot_gm, list(example_inputs), flags, mode, cudagraphs,
-                                                 cache_dir=cache_dir)
+            info["records"] = sr.rewrite_linears(
+                aot_gm, list(example_inputs), flags, mode, cudagraphs, cache_dir=cache_dir
+            )
             info["gm"] = aot_gm
             if engine == "inductor":
                 artifact = _compat.standalone_compile(aot_gm, fake_inputs, dynamic=False)
@@ -129,8 +131,17 @@ def test_on_rewrites_only_2_4_half_linears_and_matches_eager(available):
 
     records = by_layer(info["records"])
     assert set(records) == {"a", "b", "c"}
-    assert records["a"] == {"layer": "a", "shape": [32, 64], "M": 16, "eligible": True, "sparse": True,
-                            "reason": None, "dense_ms": None, "sparse_ms": None, "algorithm": None}
+    assert records["a"] == {
+        "layer": "a",
+        "shape": [32, 64],
+        "M": 16,
+        "eligible": True,
+        "sparse": True,
+        "reason": None,
+        "dense_ms": None,
+        "sparse_ms": None,
+        "algorithm": None,
+    }
     assert records["b"]["sparse"] and records["b"]["shape"] == [48, 32]
     assert not records["c"]["eligible"] and not records["c"]["sparse"]
     assert records["c"]["reason"].startswith("not 2:4 sparse")
@@ -237,7 +248,8 @@ def test_auto_measures_each_shape_once_and_keeps_it_on_disk(available, monkeypat
         compiled(torch.randn(32, 64, dtype=torch.float16))
     assert calls == [(32, 64, 64, torch.float16, True, True)]  # two layers, one shape, in a CUDA graph
     assert [(r["sparse"], r["dense_ms"], r["sparse_ms"], r["algorithm"]) for r in info["records"]] == [
-        (True, 1.0, 0.5, 7)] * 2
+        (True, 1.0, 0.5, 7)
+    ] * 2
     assert [n.args[3] for n in info["gm"].graph.nodes if n.target is OP] == [7, 7]  # the measured algorithm
     saved = json.loads((tmp_path / sr.DECISIONS_FILE).read_text())
     assert list(saved.values()) == [{"dense_ms": 1.0, "sparse_ms": 0.5, "algorithm": 7}]
@@ -273,7 +285,8 @@ def test_a_failed_measurement_keeps_the_layer_dense_and_says_why(available, monk
     with torch.no_grad():
         compiled(x)
     assert [(r["sparse"], r["reason"]) for r in info["records"]] == [
-        (False, "measurement failed (no cuSPARSELt algorithm runs)")] * 2
+        (False, "measurement failed (no cuSPARSELt algorithm runs)")
+    ] * 2
     assert OP not in ops(info["gm"])
 
 
@@ -468,8 +481,10 @@ def test_cached_plans_give_torchs_own_result_bit_for_bit():
     """Same descriptors as ``torch._cslt_sparse_mm(..., transpose_result=True)``, built once."""
     w = pruned_half_weight(256, 512)
     compressed = torch._cslt_compress(w)
-    for x2 in (torch.randn(64, 512, device="cuda", dtype=torch.float16),
-               torch.randn(512, 64, device="cuda", dtype=torch.float16).t()):
+    for x2 in (
+        torch.randn(64, 512, device="cuda", dtype=torch.float16),
+        torch.randn(512, 64, device="cuda", dtype=torch.float16).t(),
+    ):
         ours = cusparselt.linear(compressed, (256, 512), x2, 0)
         assert torch.equal(ours, torch._cslt_sparse_mm(compressed, x2.t(), transpose_result=True))
         assert ours.is_contiguous()
@@ -522,8 +537,9 @@ def test_measure_leaves_no_compressed_copy_behind(graphed):
 
 
 @on_cuda
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
-                    reason="timings asserted for Hopper")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="timings asserted for Hopper"
+)
 @pytest.mark.parametrize("cudagraphs", [True, False], ids=["in-graph", "eager"])
 def test_auto_picks_sparse_for_a_large_gemm_and_dense_for_a_small_one(tmp_path, cudagraphs):
     torch.manual_seed(0)
@@ -545,11 +561,11 @@ def test_backend_runs_pruned_decoder_sparse_and_follows_updates():
     """Through the real backend (needs the pipeline to call `rewrite_linears` and `refresh_all`)."""
     from trt_subgraph.bench import models
 
-    model, inputs = models.build("decoder", depth=2, width=512, batch=4, seq=512,
-                                 dtype=torch.float16, device="cuda")
+    model, inputs = models.build("decoder", depth=2, width=512, batch=4, seq=512, dtype=torch.float16, device="cuda")
     prune_2_4(model)
-    compiled = torch.compile(model, backend="trt_subgraph",
-                             options={"engine": "inductor", "sparsity": "on", "cache_dir": None})
+    compiled = torch.compile(
+        model, backend="trt_subgraph", options={"engine": "inductor", "sparsity": "on", "cache_dir": None}
+    )
     with torch.no_grad():
         torch.testing.assert_close(compiled(*inputs), model(*inputs), **FP16)
         report = trt_subgraph.last_report()

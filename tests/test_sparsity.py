@@ -1,4 +1,5 @@
 """2:4 sparsity analysis, pruning, ONNX check and CLI (CPU only, no compilation)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from trt_subgraph import sparsity as sp
+from trt_subgraph.cli import sparsity as sparsity_cli
 from trt_subgraph.sparsity import LayerSparsity, SparsityTable, analyze_weight, check, prune_2_4
 
 DTYPE_REASON = "(TensorRT sparse kernels need fp16, bf16 or int8)"
@@ -295,7 +297,7 @@ def test_prune_selected_layers_fp16():
     assert model[0].weight.dtype == torch.float16
     assert check(model).rows[0].eligible
     assert torch.equal(model[1].weight.detach(), before)
-    with pytest.raises(ValueError, match="'nope'.*available: 0, 1"):
+    with pytest.raises(ValueError, match=r"'nope'.*available: 0, 1"):
         prune_2_4(model, layers=["nope"])
 
 
@@ -311,8 +313,17 @@ def test_mask_matches_for_matmul_layout():
 # ----------------------------------------------------------------------------- ONNX
 
 COMPARED = [
-    "dtype", "groups", "in_features", "out_features", "pattern_ok", "violating_groups",
-    "total_groups", "eligible", "large_enough", "likely_to_help", "reason",
+    "dtype",
+    "groups",
+    "in_features",
+    "out_features",
+    "pattern_ok",
+    "violating_groups",
+    "total_groups",
+    "eligible",
+    "large_enough",
+    "likely_to_help",
+    "reason",
 ]
 
 
@@ -378,16 +389,23 @@ def test_onnx_qdq_constant_and_bf16(tmp_path):
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16]),
-         helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 8, 2, 2])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16]),
+            helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 8, 2, 2]),
+        ],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "h2", "z")],
-        initializer=[numpy_helper.from_array(w_int8.numpy(), "w_q"),
-                     numpy_helper.from_array(np.array(0.1, np.float32), "scale"), gemm_b],
+        initializer=[
+            numpy_helper.from_array(w_int8.numpy(), "w_q"),
+            numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+            gemm_b,
+        ],
     )
     model = helper.make_model(graph)
     rows = sp.check_onnx(model).rows
     assert [(r.name, r.kind, r.dtype) for r in rows] == [
-        ("w_q", "matmul", "int8"), ("gemm_b", "gemm", "bfloat16"), ("cw", "conv", "float32"),
+        ("w_q", "matmul", "int8"),
+        ("gemm_b", "gemm", "bfloat16"),
+        ("cw", "conv", "float32"),
     ]
     assert rows[0].eligible and rows[0].shape == (16, 32) and rows[0].in_features == 16
     assert rows[1].eligible and (rows[1].in_features, rows[1].out_features) == (32, 8)
@@ -413,7 +431,7 @@ def test_check_onnx_bad_input(tmp_path):
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="trt-subgraph")
-    sp.add_cli(parser.add_subparsers(dest="command", required=True))
+    sparsity_cli.add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -3,6 +3,7 @@
 Run with ``pytest -m tensorrt`` where tensorrt and torch_tensorrt are installed with a CUDA GPU;
 elsewhere every test here is reported as skipped with the reason.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -149,8 +150,9 @@ def test_converter_registry_answers_is_node_supported(stack):
 def test_backend_builds_once_and_matches_eager(stack):
     model, _ = stack
     x = torch.randn(4, WIDTH, device="cuda")
-    compiled = torch.compile(model, backend="trt_subgraph",
-                             options={"engine": "tensorrt", "cache_dir": None, "cudagraphs": False})
+    compiled = torch.compile(
+        model, backend="trt_subgraph", options={"engine": "tensorrt", "cache_dir": None, "cudagraphs": False}
+    )
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=RTOL, atol=ATOL)
     report = trt_subgraph.last_report()

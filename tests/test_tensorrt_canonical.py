@@ -1,4 +1,5 @@
 """The TensorRT adapter's CPU-verifiable parts: canonical constant modules, payloads, refit policy."""
+
 from __future__ import annotations
 
 import sys
@@ -92,8 +93,10 @@ def test_exported_programs_are_identical_across_depths(stack):
     """What torch_tensorrt converts: same nodes, names, module paths and state_dict keys."""
     _, unit = stack
     x = _activation(unit.sub)
-    programs = [torch.export.export(to_constant_module(unit.sub, w), (x,), strict=False).run_decompositions()
-                for w in (unit.instance_weights[0], unit.instance_weights[2])]
+    programs = [
+        torch.export.export(to_constant_module(unit.sub, w), (x,), strict=False).run_decompositions()
+        for w in (unit.instance_weights[0], unit.instance_weights[2])
+    ]
     gms = [p.module() for p in programs]
     assert gms[0].code == gms[1].code
     for gm in gms:
@@ -161,11 +164,22 @@ def test_weight_variant_is_2_4_ness_of_conv_and_linear_weights_when_sparse():
 def test_payload_round_trip_keeps_names_and_flags(stack):
     _, unit = stack
     engine = TensorRTEngine(sparse=True)
-    artifact = TensorRTArtifact(plan=b"\x00plan-bytes\xff", input_names=["in_2"], output_names=["output0"],
-                                sparse=True, stripped=True, built_with=TensorRTArtifact.record(unit.instance_weights[0]))
+    artifact = TensorRTArtifact(
+        plan=b"\x00plan-bytes\xff",
+        input_names=["in_2"],
+        output_names=["output0"],
+        sparse=True,
+        stripped=True,
+        built_with=TensorRTArtifact.record(unit.instance_weights[0]),
+    )
     loaded = engine.deserialize(engine.serialize(artifact), unit.sub)
-    assert (loaded.plan, loaded.input_names, loaded.output_names, loaded.sparse, loaded.stripped) == \
-           (artifact.plan, artifact.input_names, artifact.output_names, True, True)
+    assert (loaded.plan, loaded.input_names, loaded.output_names, loaded.sparse, loaded.stripped) == (
+        artifact.plan,
+        artifact.input_names,
+        artifact.output_names,
+        True,
+        True,
+    )
     assert loaded.built_with == ()  # a loaded plan is always refit with the instance's weights
     with pytest.raises(ValueError, match="bad magic"):
         engine.deserialize(b"not a payload", unit.sub)
@@ -189,13 +203,24 @@ class _FakeRefits:
 
     def _build(self, engine, sub, weights):
         self.builds.append(weights)
-        return TensorRTArtifact(plan=b"rebuilt", input_names=[], output_names=[], sparse=engine.sparse,
-                                built_with=TensorRTArtifact.record(weights))
+        return TensorRTArtifact(
+            plan=b"rebuilt",
+            input_names=[],
+            output_names=[],
+            sparse=engine.sparse,
+            built_with=TensorRTArtifact.record(weights),
+        )
 
 
 def _artifact(weights, stripped=False):
-    return TensorRTArtifact(plan=b"built", input_names=["in_2"], output_names=["output0"], sparse=False,
-                            stripped=stripped, built_with=() if stripped else TensorRTArtifact.record(weights))
+    return TensorRTArtifact(
+        plan=b"built",
+        input_names=["in_2"],
+        output_names=["output0"],
+        sparse=False,
+        stripped=stripped,
+        built_with=() if stripped else TensorRTArtifact.record(weights),
+    )
 
 
 def test_runner_refits_only_when_address_or_version_changes(monkeypatch, stack):

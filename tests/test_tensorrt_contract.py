@@ -5,6 +5,7 @@ tensorrt-cu13-bindings 10.15.1.29 and 11.0.0.114) into ``$TRT_SUBGRAPH_CONTRACT_
 present) or a pytest temporary directory, and check them without importing anything from them.
 They skip only when the package index is unreachable; any other download problem fails.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,16 +30,23 @@ BINDINGS = ["tensorrt-10.15", "tensorrt-11.0"]
 
 # ---- the adapter against its own tables (no network) --------------------------------------
 
+
 def test_adapter_uses_nothing_outside_its_contract_tables():
     assert ct.usage_problems(ADAPTER, adapter.TORCH_TRT_CONTRACT, adapter.TRT_CONTRACT) == []
 
 
 def test_contract_tables_have_no_stale_entries():
     used_tt, used_trt = ct.adapter_usage(ADAPTER)
-    stale_tt = [name for name, spec in adapter.TORCH_TRT_CONTRACT.items()
-                if name not in used_tt and "fields" not in spec]  # field-only entries are read off results
-    stale_trt = [(cls, member) for cls, members in adapter.TRT_CONTRACT.items() if cls != "BuilderFlag"
-                 for member in members if (cls, member) not in used_trt]
+    stale_tt = [
+        name for name, spec in adapter.TORCH_TRT_CONTRACT.items() if name not in used_tt and "fields" not in spec
+    ]  # field-only entries are read off results
+    stale_trt = [
+        (cls, member)
+        for cls, members in adapter.TRT_CONTRACT.items()
+        if cls != "BuilderFlag"
+        for member in members
+        if (cls, member) not in used_trt
+    ]
     assert stale_tt == [] and stale_trt == []
 
 
@@ -47,11 +55,13 @@ def test_usage_scan_catches_an_undeclared_keyword(tmp_path):
     assert source != ADAPTER.read_text()
     (tmp_path / "tensorrt.py").write_text(source)
     problems = ct.usage_problems(tmp_path / "tensorrt.py", adapter.TORCH_TRT_CONTRACT, adapter.TRT_CONTRACT)
-    assert problems == ["torch_tensorrt.dynamo.CompilationSettings is called with keywords "
-                        "['renamed_kw'] missing from the contract"]
+    assert problems == [
+        "torch_tensorrt.dynamo.CompilationSettings is called with keywords ['renamed_kw'] missing from the contract"
+    ]
 
 
 # ---- against the wheels ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> dict[str, Path]:
@@ -65,8 +75,9 @@ def wheels(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def sources(wheels) -> dict[str, ct.SourceTree]:
     directory = wheels[TORCH_TRT[0]].parent
-    return {label: ct.SourceTree(ct.extract(wheels[label], directory, lambda n: n.endswith(".py")))
-            for label in TORCH_TRT}
+    return {
+        label: ct.SourceTree(ct.extract(wheels[label], directory, lambda n: n.endswith(".py"))) for label in TORCH_TRT
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +104,9 @@ def test_torch_tensorrt_declares_everything_the_adapter_uses(sources, label):
 @pytest.mark.contract
 def test_torch_tensorrt_check_fails_on_renamed_or_swallowed_keywords(sources):
     fabricated = {
-        "torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine":
-            {"kwargs": ["immutable_weights", "sparse_weights", "bogus_keyword"]},
+        "torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine": {
+            "kwargs": ["immutable_weights", "sparse_weights", "bogus_keyword"]
+        },
         "torch_tensorrt.dynamo.CompilationSettings": {"kwargs": ["enabled_precisions"]},
         "torch_tensorrt.dynamo._refit.construct_refit_mapping": {"positional": 4},
         "torch_tensorrt.dynamo.no_such_function": {},
@@ -107,7 +119,10 @@ def test_torch_tensorrt_check_fails_on_renamed_or_swallowed_keywords(sources):
     assert ct.check_torch_trt(sources["torch_tensorrt-2.11"], fabricated) == common
     # 2.13 removed enabled_precisions; its **kwargs would swallow it silently, the check does not.
     assert ct.check_torch_trt(sources["torch_tensorrt-2.13"], fabricated) == [
-        common[0], "torch_tensorrt.dynamo.CompilationSettings: no parameter 'enabled_precisions'", *common[1:]]
+        common[0],
+        "torch_tensorrt.dynamo.CompilationSettings: no parameter 'enabled_precisions'",
+        *common[1:],
+    ]
 
 
 @pytest.mark.contract
@@ -117,7 +132,8 @@ def test_precision_follows_the_graph_dtypes_without_flags(sources):
     assert found[0] == "value" and ast.literal_eval(found[1].value) is True
     assert sources["torch_tensorrt-2.13"].resolve("torch_tensorrt.dynamo._defaults.USE_EXPLICIT_TYPING") is None
     assert ct.check_torch_trt(
-        sources["torch_tensorrt-2.13"], {"torch_tensorrt.dynamo.CompilationSettings": {"fields": ["use_explicit_typing"]}}
+        sources["torch_tensorrt-2.13"],
+        {"torch_tensorrt.dynamo.CompilationSettings": {"fields": ["use_explicit_typing"]}},
     ) == ["torch_tensorrt.dynamo.CompilationSettings: no field 'use_explicit_typing'"]
 
 
@@ -126,10 +142,12 @@ def test_precision_follows_the_graph_dtypes_without_flags(sources):
 def test_engine_weight_names_are_equal_across_depths(sources, label):
     """Run the wheel's own get_node_name (the node part of every engine weight name) on two blocks."""
     namespace: dict = {"torch": torch}
-    exec(ct.function_source(sources[label], "torch_tensorrt.dynamo.conversion.converter_utils.get_node_name"),
-         namespace)
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
-                                  for _ in range(3)]).eval()
+    exec(
+        ct.function_source(sources[label], "torch_tensorrt.dynamo.conversion.converter_utils.get_node_name"), namespace
+    )
+    model = torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)) for _ in range(3)]
+    ).eval()
     (unit,) = [u for u in trt_subgraph.capture(model, torch.randn(2, 8)).unique if len(u.instance_weights) == 3]
     (val,) = [v for k, v in zip(unit.sub.input_kinds, unit.sub.example_inputs) if k == "activation"]
     names = []

@@ -4,9 +4,11 @@ PyTorch renames and moves these between minor versions (``cache_size_limit`` bec
 ``recompile_limit``, modules disappear), so each one is imported here, behind a feature
 probe where it is known to move, and nowhere else.
 """
+
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from typing import Any
@@ -16,20 +18,22 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import lookup_backend
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._guards import detect_fake_mode
-from torch._ops import HigherOrderOperator, OpOverload
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
+from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.fx.passes.tools_common import stable_topological_sort
 from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule
 from torch.fx.passes.utils.fuser_utils import insert_subgm as _insert_subgm
+from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = [
     "CapabilityBasedPartitioner",
-    "FakeTensor",
     "HigherOrderOperator",
     "OpOverload",
+    "OpOverloadPacket",
     "OperatorSupportBase",
+    "StorageWeakRef",
     "aot_autograd",
     "cslt_available",
     "cslt_compress",
@@ -45,6 +49,8 @@ __all__ = [
     "standalone_compile",
     "symbol_range",
     "tracing_with_fake_mode",
+    "unset_fake_temporarily",
+    "version_counter",
 ]
 
 
@@ -81,7 +87,7 @@ def _without_starting_inductor_pool() -> Any:
     Inductor starts its compile-worker pool (one process per core, each importing torch) at the
     first kernel it meets, even one that only needs loading from the cache that the artifact
     restored. A load compiles nothing, so the workers would only compete for the CPU. Builds
-    keep the pool: with 10 unique regions (ResNet) it pays (benchmarks/RESULTS.md, issue 6).
+    keep the pool: with 10 unique regions (ResNet) it pays (benchmarks/RESULTS.md).
     ``TORCHINDUCTOR_COMPILE_THREADS`` set by the user wins.
     """
     from torch._inductor import config
@@ -140,15 +146,42 @@ def symbol_range(shape_env: Any, symbol: Any) -> tuple[int, int | None]:
 def cslt_available() -> bool:
     """cuSPARSELt 2:4 kernels (the CUTLASS path refuses sm90, so only this one is used)."""
     backend = getattr(torch.backends, "cusparselt", None)
-    return bool(
-        backend is not None
-        and backend.is_available()
-        and hasattr(torch, "_cslt_compress")
-    )
+    return bool(backend is not None and backend.is_available() and hasattr(torch, "_cslt_compress"))
 
 
 def cslt_compress(weight: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(weight)
+
+
+def version_counter(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter (``_version``): bumped by every in-place write
+    through the tensor itself (not by writes through ``.data``)."""
+    return tensor._version
+
+
+def cpu_codegen_key() -> dict[str, str]:
+    """What inductor's CPU code depends on beyond its config: the vector instruction set it
+    generates for (``ATEN_CPU_CAPABILITY`` and ``config.cpp.simdlen`` pick it, e.g. ``avx512``,
+    ``avx2``, ``INVALID_VEC_ISA`` for scalar code) and the C++ compiler with its version.
+
+    An artifact generated for AVX-512 and loaded where inductor picks AVX2 computes garbage
+    without an error, so all three belong in every CPU cache key.
+    """
+    import platform
+
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"arch": platform.machine(), "vec_isa": str(pick_vec_isa()), "compiler": _cpp_compiler()}
+
+
+@functools.cache
+def _cpp_compiler() -> str:
+    """The C++ compiler inductor runs and its version banner (one subprocess per process)."""
+    from torch._inductor import cpp_builder
+
+    compiler = cpp_builder.get_cpp_compiler()
+    version = getattr(cpp_builder, "get_compiler_version_info", lambda _: "")(compiler)
+    return f"{compiler} {version}"
 
 
 def inductor_config_key() -> str:

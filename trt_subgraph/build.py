@@ -3,6 +3,7 @@
 The key is the fingerprint plus everything else that changes an artifact (engine settings,
 versions, device), so a hit is always an artifact built for exactly this subgraph here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,16 +13,19 @@ from typing import Any
 import torch
 
 from . import __version__
+from ._state import on_reset
+from .cache import FORMAT_VERSION as CACHE_FORMAT  # the entry format is part of every key
 from .engines.base import CanonicalSubgraph, Engine
 from .options import Options
 
-log = logging.getLogger("trt_subgraph")
+log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
 _MEMORY: dict[str, Any] = {}
 
 
+@on_reset
 def clear_memory_cache() -> None:
+    """Forget the artifacts built or loaded in this process (``trt_subgraph.reset()`` does this)."""
     _MEMORY.clear()
 
 
@@ -42,7 +46,7 @@ class ArtifactStore:
     def __init__(self, engine: Engine, options: Options) -> None:
         self.engine = engine
         self.disk = None
-        if options.disk_cache_dir is not None:
+        if options.disk_cache_dir is not None and engine.persistable:
             from .cache import DiskCache
 
             self.disk = DiskCache(options.disk_cache_dir, options.cache_size_limit)
@@ -54,6 +58,7 @@ class ArtifactStore:
             "settings": self.engine.settings(),
             "versions": {"torch": torch.__version__, "trt_subgraph": __version__},
             "device": device_key(sub),
+            "codegen": self.engine.codegen_key(sub),
             "extra": extra or {},
         }
 
@@ -93,9 +98,17 @@ class ArtifactStore:
         try:
             payload = self.engine.serialize(artifact)
         except Exception as exc:
-            log.warning("trt_subgraph: %s artifact could not be serialized (%s); not cached on disk",
-                        self.engine.name, exc)
+            log.warning(
+                "trt_subgraph: %s artifact could not be serialized (%s); not cached on disk", self.engine.name, exc
+            )
             return
         if payload is not None:
-            self.disk.put(key, payload, {"engine": self.engine.name, "versions": parts["versions"],
-                                         "info": {"fingerprint": parts["fingerprint"]}})
+            self.disk.put(
+                key,
+                payload,
+                {
+                    "engine": self.engine.name,
+                    "versions": parts["versions"],
+                    "info": {"fingerprint": parts["fingerprint"]},
+                },
+            )

@@ -5,24 +5,26 @@ named by position (``w_0``, ``w_1``, ...), the same names for every instance, so
 from the file can be refit with any instance's weights (TensorRT's ONNX refitter matches by
 initializer name). ``index.json`` lists each file with its instance count, inputs and outputs.
 """
+
 from __future__ import annotations
 
-import argparse
-import importlib
 import importlib.util
 import json
 import logging
 import os
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .engines.base import ACTIVATION, SYMINT, CanonicalSubgraph
 from .engines.tensorrt import to_constant_module
+from .fx_utils import output_values
 
-log = logging.getLogger("trt_subgraph.export")
+__all__ = ["INDEX_FORMAT", "export_onnx", "export_subgraph"]
+
+log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
 
@@ -40,7 +42,7 @@ def export_onnx(
     The weights written are the first instance's.
     """
     from . import __version__
-    from .capture import capture
+    from .capturing import capture
 
     if not isinstance(opset, int) or isinstance(opset, bool) or opset < 13:
         raise ValueError(f"trt_subgraph: opset must be an int >= 13, got {opset!r}")
@@ -53,14 +55,16 @@ def export_onnx(
         sub = unit.sub
         path = out / f"{sub.fingerprint}.onnx"
         names = export_subgraph(sub, unit.instance_weights[0], path, opset=opset)
-        entries.append({
-            "fingerprint": sub.fingerprint,
-            "instances": len(unit.instance_weights),
-            "file": path.name,
-            "inputs": [_describe(name, val) for name, val in zip(names["inputs"], _activations(sub))],
-            "outputs": [_describe(name, val) for name, val in zip(names["outputs"], _output_vals(sub))],
-            "initializers": names["initializers"],
-        })
+        entries.append(
+            {
+                "fingerprint": sub.fingerprint,
+                "instances": len(unit.instance_weights),
+                "file": path.name,
+                "inputs": [_describe(name, val) for name, val in zip(names["inputs"], _activations(sub))],
+                "outputs": [_describe(name, val) for name, val in zip(names["outputs"], _output_vals(sub))],
+                "initializers": names["initializers"],
+            }
+        )
     index = {
         "format": INDEX_FORMAT,
         "trt_subgraph": __version__,
@@ -96,88 +100,54 @@ def export_subgraph(
     path = Path(path)
     # optimize=False: the optimizer folds constants, and a folded weight (w_0 transposed) would
     # become a new initializer that TensorRT's refitter cannot fill from the instance's w_0.
-    program = torch.onnx.export(module, tuple(activations), dynamo=True, opset_version=opset, optimize=False,
-                                verbose=False, input_names=input_names, output_names=output_names)
+    program = torch.onnx.export(
+        module,
+        tuple(activations),
+        dynamo=True,
+        opset_version=opset,
+        optimize=False,
+        verbose=False,
+        input_names=input_names,
+        output_names=output_names,
+    )
     program.save(str(path))
     initializers = [init.name for init in onnx.load(str(path), load_external_data=False).graph.initializer]
     renamed = sorted(set(f"w_{k}" for k in range(len(weights))) - set(initializers))
     if renamed:  # torch.onnx names initializers after the module's buffers; if that ever changes, stop
-        raise RuntimeError(f"trt_subgraph: torch.onnx did not keep the weight names {renamed} as ONNX "
-                           f"initializers (found {initializers[:8]}); the exported file could not be refit by name")
+        raise RuntimeError(
+            f"trt_subgraph: torch.onnx did not keep the weight names {renamed} as ONNX "
+            f"initializers (found {initializers[:8]}); the exported file could not be refit by name"
+        )
     return {"inputs": input_names, "outputs": output_names, "initializers": initializers}
 
 
 def _require_onnxscript() -> None:
     """torch.onnx's exporter for ATen graphs (``dynamo=True``) is built on onnxscript."""
     if importlib.util.find_spec("onnxscript") is None:
-        raise ImportError("trt_subgraph: ONNX export needs the onnxscript package (pip install onnxscript); "
-                          "torch.onnx's TorchScript exporter cannot export ATen-level subgraphs")
+        raise ImportError(
+            "trt_subgraph: ONNX export needs the onnxscript package (pip install onnxscript); "
+            "torch.onnx's TorchScript exporter cannot export ATen-level subgraphs"
+        )
 
 
 def _activations(sub: CanonicalSubgraph) -> list[torch.Tensor]:
     vals = []
     for kind, val in zip(sub.input_kinds, sub.example_inputs):
         if kind == SYMINT or (isinstance(val, torch.Tensor) and not all(isinstance(s, int) for s in val.shape)):
-            raise ValueError(f"trt_subgraph: ONNX export needs static shapes; subgraph {sub.fingerprint} "
-                             "has symbolic sizes (capture with static example inputs)")
+            raise ValueError(
+                f"trt_subgraph: ONNX export needs static shapes; subgraph {sub.fingerprint} "
+                "has symbolic sizes (capture with static example inputs)"
+            )
         if kind == ACTIVATION:
             vals.append(val)
     return vals
 
 
 def _output_vals(sub: CanonicalSubgraph) -> list[Any]:
-    (output,) = [n for n in sub.gm.graph.nodes if n.op == "output"]
-    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    return [v.meta.get("val") if isinstance(v, torch.fx.Node) else v for v in values]
+    return [v.meta.get("val") if isinstance(v, torch.fx.Node) else v for v in output_values(sub.gm)]
 
 
 def _describe(name: str, val: Any) -> dict[str, Any]:
     if isinstance(val, torch.Tensor):
         return {"name": name, "shape": list(val.shape), "dtype": str(val.dtype).removeprefix("torch.")}
     return {"name": name, "value": repr(val)}
-
-
-def load_factory(spec: str) -> tuple[torch.nn.Module, tuple]:
-    """Call ``package.module:factory`` and return its ``(model, example_inputs)``."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"trt_subgraph: --model must look like 'package.module:factory', got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attr, None)
-    if not callable(factory):
-        raise ValueError(f"trt_subgraph: {spec!r} does not name a callable in module {module_name!r}")
-    try:
-        result = factory()
-    except TypeError as exc:
-        raise TypeError(f"trt_subgraph: {spec} must be callable without arguments ({exc})") from exc
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise TypeError(f"trt_subgraph: {spec} must return (model, example_inputs), got {type(result).__name__}")
-    model, inputs = result
-    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def add_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "export", help="write each unique subgraph of a model as ONNX (canonical initializer names)",
-        description=__doc__,
-    )
-    parser.add_argument("--onnx", required=True, type=Path, metavar="DIR", help="output directory")
-    parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                        help="callable returning (model, example_inputs), e.g. mypkg.models:make")
-    parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--min-block-size", type=int, default=1)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        model, inputs = load_factory(args.model)
-        index = export_onnx(model, *inputs, out_dir=args.onnx, opset=args.opset,
-                            min_block_size=args.min_block_size)
-    except (ValueError, TypeError, ImportError) as exc:
-        print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
-        return 2
-    for entry in index["subgraphs"]:
-        weights = sum(name.startswith("w_") for name in entry["initializers"])
-        print(f"{entry['file']}  instances={entry['instances']}  weights={weights}")
-    print(f"{len(index['subgraphs'])} unique subgraphs, index: {Path(args.onnx) / 'index.json'}")
-    return 0

@@ -4,10 +4,18 @@ Hashed: op targets, argument wiring by position, normalised literals, each input
 dtype, shape, stride and device, symbolic sizes as canonical tokens (``d0``, ``d1``, in order
 of first appearance) with their value ranges. Never hashed: node names, module paths, weight
 values. Everything is rendered to text first, so the hash does not depend on the process.
+
+A callable is named only when its name is the callable (an op, or a function its module and
+qualified name resolve to). Closures, bound methods, ``functools.partial`` objects and callable
+instances share a name across objects that compute differently, so a persistent fingerprint
+refuses them (:class:`UnhashableArgument`) and an in-process key gives each object its own token.
 """
+
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import sympy
@@ -15,7 +23,7 @@ import torch
 import torch.fx
 import xxhash
 
-from ._compat import symbol_range
+from ._compat import HigherOrderOperator, OpOverload, OpOverloadPacket, symbol_range
 from .engines.base import op_name
 
 
@@ -27,12 +35,15 @@ def fingerprint(gm: torch.fx.GraphModule, input_kinds: list[str] | tuple[str, ..
     return xxhash.xxh3_128_hexdigest(describe(gm, input_kinds).encode())
 
 
-def describe(gm: torch.fx.GraphModule, input_kinds, meta_key: str = "val") -> str:
+def describe(
+    gm: torch.fx.GraphModule, input_kinds, meta_key: str = "val", opaque: Callable[[Any], str] | None = None
+) -> str:
     """The exact text that is hashed (useful to see why two pieces differ).
 
     `meta_key`: where nodes keep their fake values (``val`` in ATen graphs, ``example_value`` in
-    Dynamo's)."""
-    symbols = _Symbols()
+    Dynamo's). `opaque`: the token of a callable that no name identifies (see
+    :func:`callable_name`); None raises :class:`UnhashableArgument` for such a callable."""
+    symbols = _Symbols(opaque)
     position: dict[torch.fx.Node, int] = {}
     lines = []
     kinds = iter(input_kinds)
@@ -45,15 +56,45 @@ def describe(gm: torch.fx.GraphModule, input_kinds, meta_key: str = "val") -> st
         else:
             kwargs = {k: node.kwargs[k] for k in sorted(node.kwargs)}
             lines.append(
-                f"{node.op} {op_name(node.target)} {_arg(node.args, position, symbols)} "
+                f"{node.op} {_target(node.target, symbols)} {_arg(node.args, position, symbols)} "
                 f"{_arg(kwargs, position, symbols)} -> {_value(node.meta.get(meta_key), symbols)}"
             )
     lines.append("symbols " + symbols.ranges())
     return "\n".join(lines)
 
 
+def callable_name(target: Any) -> str | None:
+    """The name of a callable when that name is the callable, else None.
+
+    Ops (``aten.mm.default``, higher-order ops) and functions reachable from their module by
+    their own name (``torch._C._nn.linear``, ``operator.getitem``, ``torch.relu``, a method of a
+    class) are the same object wherever the name appears. Closures (``<locals>``), bound methods
+    of instances, ``functools.partial`` objects and callable instances are not: two blocks can
+    hold different ones under one name.
+    """
+    if isinstance(target, (OpOverload, OpOverloadPacket, HigherOrderOperator)):
+        return op_name(target)
+    name = getattr(target, "__name__", None)
+    qualname = getattr(target, "__qualname__", None)
+    owner = getattr(target, "__objclass__", None)  # a method descriptor: TensorBase.add
+    if owner is not None and name and getattr(owner, name, None) is target:
+        return f"{owner.__module__}.{owner.__qualname__}.{name}"
+    module = sys.modules.get(getattr(target, "__module__", None) or "")
+    if module is None or not qualname or "<locals>" in qualname:
+        return None
+    if getattr(module, name or "", None) is target:
+        return f"{module.__name__}.{qualname}"
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return f"{module.__name__}.{qualname}" if found is target else None
+
+
 class _Symbols:
-    def __init__(self) -> None:
+    """Tokens for size symbols and opaque callables, in order of first appearance."""
+
+    def __init__(self, opaque: Callable[[Any], str] | None = None) -> None:
+        self.opaque = opaque
         self.names: dict[sympy.Symbol, str] = {}
         self.bounds: dict[str, tuple[int, int | None]] = {}
 
@@ -109,6 +150,21 @@ def _arg(arg: Any, position: dict, symbols: _Symbols) -> str:
         return f"slice({_arg((arg.start, arg.stop, arg.step), position, symbols)})"
     if arg is Ellipsis:
         return "..."
-    if callable(arg) and hasattr(arg, "__qualname__"):
-        return op_name(arg)
+    if callable(arg):
+        return _target(arg, symbols)
     raise UnhashableArgument(f"cannot fingerprint argument of type {type(arg).__name__}: {arg!r}")
+
+
+def _target(target: Any, symbols: _Symbols) -> str:
+    """A node's target or a callable argument: its name, or the opaque token for it."""
+    if isinstance(target, str):  # call_method, get_attr
+        return target
+    name = callable_name(target)
+    if name is not None:
+        return name
+    if symbols.opaque is None:
+        raise UnhashableArgument(
+            f"cannot fingerprint callable {target!r}: no name identifies it (closure, bound method, "
+            "partial or callable instance)"
+        )
+    return symbols.opaque(target)

@@ -1,7 +1,9 @@
 """User options of the backend, validated once, with errors that list what is allowed.
 
-torch_tensorrt silently drops unknown option keys; a typo there costs users hours. We raise.
+Unknown option keys raise (rather than being dropped silently, as torch_tensorrt does), so a
+typo cannot go unnoticed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,18 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .cache import DEFAULT_SIZE_LIMIT as DEFAULT_CACHE_SIZE_LIMIT
+from .cache import default_cache_dir
+
+__all__ = ["DEFAULT_CACHE_SIZE_LIMIT", "ENGINES", "MODES", "SPARSITY", "Options", "default_cache_dir"]
+
 ENGINES = ("auto", "eager", "inductor", "tensorrt")
-SPARSITY = ("auto", "on", "off")
+SPARSITY = ("auto", "on", "off")  # the sparsity modes (the 2:4 runtime checks against these too)
 MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-DEFAULT_CACHE_SIZE_LIMIT = 4 << 30
-
-
-def default_cache_dir() -> Path:
-    """``$TRT_SUBGRAPH_CACHE_DIR``, else ``$XDG_CACHE_HOME/trt_subgraph``, else ``~/.cache/trt_subgraph``."""
-    if os.environ.get("TRT_SUBGRAPH_CACHE_DIR"):
-        return Path(os.environ["TRT_SUBGRAPH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "trt_subgraph"
 
 
 _UNSET: Any = object()
@@ -49,9 +47,7 @@ class Options:
         valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(
-                f"trt_subgraph: unknown option(s) {unknown}; valid options are {valid}"
-            )
+            raise ValueError(f"trt_subgraph: unknown option(s) {unknown}; valid options are {valid}")
         if mode not in MODES:
             raise ValueError(f"trt_subgraph: unknown mode {mode!r}; valid modes are {list(MODES)}")
 
@@ -76,20 +72,14 @@ class Options:
         elif isinstance(cache_dir, (str, os.PathLike)):
             cache_dir = Path(cache_dir)
         else:
-            raise ValueError(
-                f"trt_subgraph: option 'cache_dir' must be a path or None, got {type(cache_dir).__name__}"
-            )
+            raise ValueError(f"trt_subgraph: option 'cache_dir' must be a path or None, got {type(cache_dir).__name__}")
 
         limit = options.get("cache_size_limit", DEFAULT_CACHE_SIZE_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-            raise ValueError(
-                f"trt_subgraph: option 'cache_size_limit' must be a positive int (bytes), got {limit!r}"
-            )
+            raise ValueError(f"trt_subgraph: option 'cache_size_limit' must be a positive int (bytes), got {limit!r}")
         min_block_size = options.get("min_block_size", 1)
         if not isinstance(min_block_size, int) or isinstance(min_block_size, bool) or min_block_size < 1:
-            raise ValueError(
-                f"trt_subgraph: option 'min_block_size' must be an int >= 1, got {min_block_size!r}"
-            )
+            raise ValueError(f"trt_subgraph: option 'min_block_size' must be an int >= 1, got {min_block_size!r}")
         ops = options.get("torch_executed_ops", ())
         if isinstance(ops, str) or not all(isinstance(op, str) for op in ops):
             raise ValueError(
@@ -110,13 +100,9 @@ class Options:
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(
-            f"trt_subgraph: option {name!r} must be one of {list(allowed)}, got {value!r}"
-        )
+        raise ValueError(f"trt_subgraph: option {name!r} must be one of {list(allowed)}, got {value!r}")
 
 
 def _check_type(name: str, value: Any, kind: type) -> None:
     if not isinstance(value, kind):
-        raise ValueError(
-            f"trt_subgraph: option {name!r} must be a {kind.__name__}, got {value!r}"
-        )
+        raise ValueError(f"trt_subgraph: option {name!r} must be a {kind.__name__}, got {value!r}")

@@ -5,14 +5,16 @@ whole graph; each group is then cut at block-label boundaries. Blocks are contig
 the graph's topological order, so each cut stays cycle-free (a path that left a piece and came
 back would have to leave the run, and a run has nothing before its end to come back from).
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import torch.fx
 
 from ._compat import CapabilityBasedPartitioner, OperatorSupportBase
+from .fx_utils import label_runs
 
 # Ops that move no data: a piece made of these alone is not worth an engine call.
 _NON_COMPUTE = {
@@ -49,10 +51,8 @@ def find_pieces(
 ) -> list[list[torch.fx.Node]]:
     """Pieces (nodes in graph order) to hand to the engine; all other nodes run in PyTorch."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    run_of = _runs(gm, labels)
-    partitioner = CapabilityBasedPartitioner(
-        gm, _Support(is_supported), allows_single_node_partition=True
-    )
+    run_of = label_runs(gm, labels)
+    partitioner = CapabilityBasedPartitioner(gm, _Support(is_supported), allows_single_node_partition=True)
     pieces: list[list[torch.fx.Node]] = []
     for partition in partitioner.propose_partitions():
         by_run: dict[int, list[torch.fx.Node]] = {}
@@ -64,17 +64,3 @@ def find_pieces(
                 pieces.append(nodes)
     pieces.sort(key=lambda nodes: order[nodes[0]])
     return pieces
-
-
-def _runs(gm: torch.fx.GraphModule, labels) -> dict[torch.fx.Node, int]:
-    """Index of the contiguous run of equal labels each call_function node belongs to."""
-    run_of: dict[torch.fx.Node, int] = {}
-    run, previous = -1, object()
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        label = labels.get(node)
-        if label != previous:
-            run, previous = run + 1, label
-        run_of[node] = run
-    return run_of

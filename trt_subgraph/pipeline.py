@@ -1,29 +1,39 @@
 """The inference pipeline on one ATen graph: split, partition, canonicalize, build, bind, assemble."""
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
 import xxhash
-from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
 
-from . import runtime, sparse_runtime
-from ._compat import erase_nodes, fuse_as_graphmodule, insert_subgm, make_boxed_func, stable_topological_sort
+from . import runtime
+from ._compat import (
+    erase_nodes,
+    fuse_as_graphmodule,
+    insert_subgm,
+    make_boxed_func,
+    stable_topological_sort,
+    unset_fake_temporarily,
+)
 from .build import ArtifactStore
 from .canonicalize import canonicalize
 from .engines.base import ACTIVATION, SYMINT, WEIGHT, CanonicalSubgraph, Engine, op_name
 from .fingerprint import UnhashableArgument
+from .fx_utils import placeholders
 from .options import Options
 from .partition import find_pieces
 from .report import Report, SubgraphRecord, record
+from .sparse import runtime as sparse_runtime
 from .split import assign_blocks, inline_invoke_subgraphs
 
-log = logging.getLogger("trt_subgraph")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -34,80 +44,123 @@ class UniqueSubgraph:
     instance_weights: list[list[torch.Tensor]]
 
 
-# Set by ``trt_subgraph.capture`` to collect what compilations saw (holds real weights).
-CAPTURE: list[list[UniqueSubgraph]] | None = None
+@dataclasses.dataclass
+class Lowered:
+    """What lowering one graph produced: its report and its unique subgraphs.
+
+    ``unique`` maps each group (fingerprint, plus ``/variant`` where weight values change the
+    code) to its subgraph; ``pieces`` has, per piece instance in graph order, its group and the
+    graph input position of each of its weights (None for a weight held by the graph itself).
+    """
+
+    report: Report
+    unique: dict[str, UniqueSubgraph]
+    pieces: list[tuple[str, list[int | None]]]
+
+    def add_instance(self, inputs: list[Any]) -> None:
+        """Another call of the lowered graph with these `inputs` (a region that reuses a lowered
+        one): each piece's weights become another instance of its unique subgraph."""
+        for group, positions in self.pieces:
+            weights = [inputs[i] if i is not None else None for i in positions]
+            self.unique[group].instance_weights.append(weights)
 
 
 class Compilation:
     """One graph's compilation, from the ATen graph to the assembled forward.
 
-    The graph is a whole Dynamo graph, or one region of it (``region=True``, see ``regions``):
-    a region's forward is neither recorded as a CUDA graph nor reported alone, since the
-    region driver does both for the whole graph.
+    Called as aot_autograd's compiler (``__call__``), it compiles a whole Dynamo graph: lowers it,
+    assembles the forward (one CUDA graph unless something blocks it) and records the report.
+    The region driver (``regions``) hands aot_autograd :meth:`region_compiler` instead: a region
+    is only lowered, and the driver assembles and reports the whole graph from each region's
+    :attr:`lowered`.
+
+    ``capture``: a list that receives every :class:`Lowered` (``trt_subgraph.capture``; it holds
+    real weights), or None.
     """
 
     def __init__(
-        self, options: Options, engine: Engine, engine_reason: str, weight_flags: list[bool], real_inputs: list,
-        *, region: bool = False, region_blocker: str | None = None,
+        self,
+        options: Options,
+        engine: Engine,
+        engine_reason: str,
+        weight_flags: list[bool],
+        real_inputs: list,
+        *,
+        capture: list[Lowered] | None = None,
     ) -> None:
         self.options = options
-        # A region takes the whole graph's CUDA graph verdict: it decides whether sparse kernels pay.
-        self.region = region
-        self.region_blocker = region_blocker
         self.engine = engine
+        self.engine_reason = engine_reason
         self.weight_flags = weight_flags
         self.real_inputs = real_inputs
-        self.report = Report(engine=engine.name, engine_reason=engine_reason)
+        self.capture = capture
         self.store = ArtifactStore(engine, options)
-        self.artifacts: dict[str, Any] = {}
-        # Per piece instance: its fingerprint and the input position of each of its weights.
-        self.piece_weights: list[tuple[str, list[int | None]]] = []
+        self.lowered: Lowered | None = None
 
     def __call__(self, gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
-        """The ``inference_compiler`` handed to aot_autograd; returns a boxed callable."""
+        """The ``inference_compiler`` handed to aot_autograd for a whole graph; returns a boxed callable."""
         start = time.perf_counter()
-        if self.region:
-            blocker = self.region_blocker
-        else:
-            blocker = cudagraph_blocker(self.options, fake_inputs)
-        inline_invoke_subgraphs(gm)
-        self._apply_sparsity(gm, cudagraphs=blocker is None)
-        labels, self.report.block_method = assign_blocks(gm)
-        self.report.blocks = len({label for label in labels.values() if label})
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.index_of = {p: i for i, p in enumerate(placeholders)}
-        pieces = find_pieces(gm, labels, self.engine.is_node_supported, self.options.min_block_size)
-        records: dict[str, SubgraphRecord] = {}
-        unique: dict[str, UniqueSubgraph] = {}
-        for number, nodes in enumerate(pieces):
-            self._replace_piece(gm, number, nodes, records, unique)
-        stable_topological_sort(gm)
-        gm.recompile()
-        self.report.subgraphs = list(records.values())
-        self.report.fallback_ops = dict(collections.Counter(
-            op_name(n.target) for n in gm.graph.nodes
-            if n.op == "call_function" and op_name(n.target) != "_operator.getitem"
-        ))
-        self.unique = unique
-        if CAPTURE is not None:
-            CAPTURE.append(list(unique.values()))
-        if self.region:
-            return make_boxed_func(gm.forward)
-        forward = assemble(gm, self.weight_flags, blocker, self.report)
-        self.report.compile_s = time.perf_counter() - start
-        record(self.report)
+        blocker = cudagraph_blocker(self.options, fake_inputs)
+        lowered = self.lower(gm, cudagraphs=blocker is None)
+        forward = assemble(gm, self.weight_flags, blocker, lowered.report)
+        lowered.report.compile_s = time.perf_counter() - start
+        record(lowered.report)
         return forward
 
-    def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> None:
-        """Route 2:4 linears to cuSPARSELt (inductor engine) and record which ones in the report."""
-        if self.engine.name != "inductor" or self.options.sparsity == "off":
-            self.report.sparsity = sparsity_summary(self.options.sparsity, None)
-            return
+    def region_compiler(self, cudagraphs: bool) -> Callable[[torch.fx.GraphModule, list], Callable[[list], Any]]:
+        """The ``inference_compiler`` for one region of a graph: lowers it and returns its boxed
+        forward, neither recorded as a CUDA graph nor reported. `cudagraphs`: whether the whole
+        graph's forward will be one CUDA graph (it decides whether sparse kernels pay)."""
+
+        def compile_region(gm: torch.fx.GraphModule, fake_inputs: list) -> Callable[[list], Any]:
+            self.lower(gm, cudagraphs)
+            return make_boxed_func(gm.forward)
+
+        return compile_region
+
+    def lower(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> Lowered:
+        """Replace the engine-supported pieces of `gm`, in place, by calls of their built
+        artifacts; what is left runs in PyTorch. Also :attr:`lowered`."""
+        report = Report(engine=self.engine.name, engine_reason=self.engine_reason)
+        inline_invoke_subgraphs(gm)
+        report.sparsity = self._apply_sparsity(gm, cudagraphs)
+        labels, report.block_method = assign_blocks(gm)
+        report.blocks = len({label for label in labels.values() if label})
+        self.index_of = {p: i for i, p in enumerate(placeholders(gm))}
+        lowered = Lowered(report, {}, [])
+        records: dict[str, SubgraphRecord] = {}
+        artifacts: dict[str, Any] = {}
+        pieces = find_pieces(gm, labels, self.engine.is_node_supported, self.options.min_block_size)
+        for number, nodes in enumerate(pieces):
+            self._replace_piece(gm, number, nodes, records, artifacts, lowered)
+        stable_topological_sort(gm)
+        gm.recompile()
+        report.subgraphs = list(records.values())
+        report.fallback_ops = dict(
+            collections.Counter(
+                op_name(n.target)
+                for n in gm.graph.nodes
+                if n.op == "call_function" and op_name(n.target) != "_operator.getitem"
+            )
+        )
+        self.lowered = lowered
+        if self.capture is not None:
+            self.capture.append(lowered)
+        return lowered
+
+    def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> dict[str, Any]:
+        """Route 2:4 linears to cuSPARSELt where the engine compiles that op; the report's entry."""
+        if not self.engine.supports_sparse_linears or self.options.sparsity == "off":
+            return sparsity_summary(self.options.sparsity, None)
         layers = sparse_runtime.rewrite_linears(
-            gm, self.real_inputs, self.weight_flags, self.options.sparsity, cudagraphs,
+            gm,
+            self.real_inputs,
+            self.weight_flags,
+            self.options.sparsity,
+            cudagraphs,
             cache_dir=self.options.disk_cache_dir,
         )
-        self.report.sparsity = sparsity_summary(self.options.sparsity, layers)
+        return sparsity_summary(self.options.sparsity, layers)
 
     def _input_kind(self, node: torch.fx.Node) -> str:
         val = node.meta.get("val")
@@ -124,7 +177,7 @@ class Compilation:
             return getattr(gm, node.target)
         return self.real_inputs[self.index_of[node]]
 
-    def _replace_piece(self, gm, number, nodes, records, unique) -> None:
+    def _replace_piece(self, gm, number, nodes, records, artifacts, lowered: Lowered) -> None:
         name = f"piece_{number}"
         sub_gm, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, always_return_tuple=True)
         kinds = [self._input_kind(n) for n in inputs]
@@ -139,17 +192,17 @@ class Compilation:
             variants = [self.engine.weight_variant(w) for w in weights]
         variant = xxhash.xxh3_64_hexdigest(repr(variants).encode()) if any(v is not None for v in variants) else None
         group = sub.fingerprint if variant is None else f"{sub.fingerprint}/{variant}"
-        self.piece_weights.append((group, [self.index_of.get(n) for n in weight_nodes]))
+        lowered.pieces.append((group, [self.index_of.get(n) for n in weight_nodes]))
         rec = records.get(group)
         if rec is None:
             rec = records[group] = SubgraphRecord(fingerprint=sub.fingerprint, nodes=sub.num_ops, variant=variant)
-            unique[group] = UniqueSubgraph(sub, [])
-            self.artifacts[group] = self._artifact(sub, weights, rec)
+            lowered.unique[group] = UniqueSubgraph(sub, [])
+            artifacts[group] = self._artifact(sub, weights, rec)
         rec.instances += 1
-        unique[group].instance_weights.append(weights)
+        lowered.unique[group].instance_weights.append(weights)
         insert_subgm(gm, sub_gm, inputs, outputs, nodes[-1])
         erase_nodes(gm, nodes)
-        setattr(gm, name, runtime.PieceRunner(sub, self._bind(sub, self.artifacts[group])))
+        setattr(gm, name, runtime.PieceRunner(sub, self._bind(sub, artifacts[group])))
 
     def _artifact(self, sub: CanonicalSubgraph, weights: list[torch.Tensor], rec: SubgraphRecord) -> Any:
         """The built or cached artifact, or None when the engine failed (PyTorch runs the piece)."""
@@ -161,7 +214,10 @@ class Compilation:
             rec.status, rec.error = "fallback", f"{type(exc).__name__}: {exc}"
             log.warning(
                 "trt_subgraph: engine %r failed to build subgraph %s (%d ops): %s; running it in PyTorch",
-                self.engine.name, sub.fingerprint, sub.num_ops, rec.error,
+                self.engine.name,
+                sub.fingerprint,
+                sub.num_ops,
+                rec.error,
             )
             return None
 
@@ -192,7 +248,9 @@ def sparsity_summary(mode: str, layers: list[dict[str, Any]] | None) -> dict[str
     }
 
 
-def assemble(run: Callable[..., Any], weight_flags: list[bool], blocker: str | None, report: Report) -> Callable[[list], Any]:
+def assemble(
+    run: Callable[..., Any], weight_flags: list[bool], blocker: str | None, report: Report
+) -> Callable[[list], Any]:
     """The boxed forward of a whole graph: one CUDA graph unless `blocker` says why not."""
 
     def forward(args: list) -> Any:

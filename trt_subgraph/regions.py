@@ -12,30 +12,32 @@ dynamic shapes, global-state nodes (grad mode, autocast), submodule calls, highe
 (``nested_compile_region`` graphs are traced once per body by aot_autograd already), or no
 blocks found.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
 import xxhash
 from torch.fx.passes.split_module import split_module
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import pipeline
-from ._compat import HigherOrderOperator, aot_autograd, tracing_with_fake_mode
+from ._compat import HigherOrderOperator, StorageWeakRef, aot_autograd, tracing_with_fake_mode
 from .engines.base import ACTIVATION, SYMINT, WEIGHT, Engine
 from .fingerprint import UnhashableArgument, describe
+from .fx_utils import label_runs, output_node, placeholders
 from .options import Options
 from .report import Report, SubgraphRecord, record
-from .sparse_runtime import module_path
+from .sparse.runtime import module_path
 from .split import assign_blocks
 
-log = logging.getLogger("trt_subgraph")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -90,9 +92,10 @@ def compile_regions(
     options: Options,
     engine: Engine,
     engine_reason: str,
+    capture: list[pipeline.Lowered] | None = None,
 ) -> Callable[..., Any] | None:
     """The compiled forward of a Dynamo graph lowered region by region, or None when regions
-    do not apply (the caller then lowers the whole graph)."""
+    do not apply (the caller then lowers the whole graph). `capture`: see `pipeline.Compilation`."""
     start = time.perf_counter()
     reason = unsuitable(gm, example_inputs)
     labels, method = assign_blocks(gm) if reason is None else ({}, "none")
@@ -104,16 +107,18 @@ def compile_regions(
     split, regions = _split(gm, example_inputs, weight_flags, labels, engine)
     blocker = pipeline.cudagraph_blocker(options, example_inputs)
 
-    lowered: dict[str, tuple[Region, pipeline.Compilation, Callable[..., Any]]] = {}
+    lowered: dict[str, tuple[Region, pipeline.Lowered, Callable[..., Any]]] = {}
     instances: list[tuple[Region, Region]] = []  # (region, the region it shares code with)
     for region in regions:
         shared = lowered.get(region.key) if region.key is not None else None
         if shared is None:
-            comp = pipeline.Compilation(options, engine, engine_reason, region.weight_flags, region.inputs,
-                                        region=True, region_blocker=blocker)
+            comp = pipeline.Compilation(
+                options, engine, engine_reason, region.weight_flags, region.inputs, capture=capture
+            )
+            compiler = comp.region_compiler(cudagraphs=blocker is None)
             with tracing_with_fake_mode(region.fakes):
-                compiled = aot_autograd(fw_compiler=comp, inference_compiler=comp)(region.gm, region.fakes)
-            shared = lowered[region.key or region.name] = (region, comp, compiled)
+                compiled = aot_autograd(fw_compiler=compiler, inference_compiler=compiler)(region.gm, region.fakes)
+            shared = lowered[region.key or region.name] = (region, comp.lowered, compiled)
         instances.append((region, shared[0]))
         setattr(split, region.name, RegionRunner(shared[2], region.single_output))
 
@@ -121,7 +126,7 @@ def compile_regions(
     boxed = pipeline.assemble(split, weight_flags, blocker, report)
     report.compile_s = time.perf_counter() - start
     record(report)
-    if pipeline.CAPTURE is not None:
+    if capture is not None:
         _capture_instances(instances, lowered)
 
     def forward(*args: Any) -> Any:  # Dynamo calls a backend's result with positional arguments
@@ -131,34 +136,19 @@ def compile_regions(
     return forward
 
 
-def _region_ids(gm: torch.fx.GraphModule, labels: dict[torch.fx.Node, str | None]) -> dict[torch.fx.Node, int]:
-    """A new region wherever the block label changes along the graph's order."""
-    ids: dict[torch.fx.Node, int] = {}
-    current, number = object(), -1
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        label = labels.get(node)
-        if label != current:
-            current, number = label, number + 1
-        ids[node] = number
-    return ids
-
-
 def _split(gm, example_inputs, weight_flags, labels, engine) -> tuple[torch.fx.GraphModule, list[Region]]:
-    ids = _region_ids(gm, labels)
+    ids = label_runs(gm, labels, ops=("call_function", "call_method"))  # a new region wherever the label changes
     label_of = {}
     for node, number in ids.items():
         label_of.setdefault(number, labels.get(node))
     split = split_module(gm, gm, lambda node: ids[node], keep_original_order=True)
-    outer = {n.name: (x, flag) for n, x, flag in zip(
-        (n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs, weight_flags)}
+    outer = {n.name: (x, flag) for n, x, flag in zip(placeholders(gm), example_inputs, weight_flags)}
     regions = []
     for call in split.graph.nodes:
         if call.op != "call_module":
             continue
         sub = getattr(split, call.target)
-        fakes = [n.meta.get("example_value") for n in sub.graph.nodes if n.op == "placeholder"]
+        fakes = [n.meta.get("example_value") for n in placeholders(sub)]
         inputs, flags = [], []
         for arg, fake in zip(call.args, fakes):
             if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" and arg.name in outer:
@@ -176,7 +166,7 @@ def _split(gm, example_inputs, weight_flags, labels, engine) -> tuple[torch.fx.G
 
 def _return_tuple(gm: torch.fx.GraphModule) -> bool:
     """Make `gm` return a tuple (aot_autograd wants one); True when it returned a single value."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    output = output_node(gm)
     if isinstance(output.args[0], (tuple, list)):
         return False
     output.args = ((output.args[0],),)
@@ -187,14 +177,18 @@ def _return_tuple(gm: torch.fx.GraphModule) -> bool:
 def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[bool], engine: Engine) -> str | None:
     """xxh3-128 of the region's structure and its inputs' metadata; None when not hashable.
 
-    Besides what a piece's fingerprint holds: each input's storage offset, which inputs share
+    Besides what a piece's fingerprint holds: the identity of every callable no name identifies
+    (closures, bound methods, partials: blocks calling different ones compute differently),
+    each input's storage offset, which inputs share
     storage (aliasing changes what aot_autograd generates), plain values, and each weight's
     `Engine.weight_variant` (whether it is 2:4 where the engine may use sparse kernels).
     """
-    kinds = [SYMINT if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
-             else WEIGHT if flag else ACTIVATION for x, flag in zip(inputs, weight_flags)]
+    kinds = [
+        SYMINT if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool) else WEIGHT if flag else ACTIVATION
+        for x, flag in zip(inputs, weight_flags)
+    ]
     try:
-        text = [describe(gm, kinds, meta_key="example_value")]
+        text = [describe(gm, kinds, meta_key="example_value", opaque=_identity)]
     except UnhashableArgument:
         return None
     storages: dict[StorageWeakRef, int] = {}
@@ -210,30 +204,46 @@ def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[b
     return xxhash.xxh3_128_hexdigest("\n".join(text).encode())
 
 
+def _identity(target: Any) -> str:
+    """An opaque callable's token in a region key: the object itself (a bound method: its
+    instance and function), so blocks calling different closures or instances never share code.
+    The split graph holds every target while its keys are compared, so ids are not reused."""
+    self, func = getattr(target, "__self__", None), getattr(target, "__func__", None)
+    if self is not None and func is not None:
+        return f"<opaque {id(self):x}.{id(func):x}>"
+    return f"<opaque {id(target):x}>"
+
+
 def _merge_reports(engine, engine_reason, method, labels, instances, lowered, sparsity_mode) -> Report:
     """One report for the Dynamo graph: each lowered region's records times its instances."""
-    report = Report(engine=engine.name, engine_reason=engine_reason, block_method=method,
-                    blocks=len({label for label in labels.values() if label}))
+    report = Report(
+        engine=engine.name,
+        engine_reason=engine_reason,
+        block_method=method,
+        blocks=len({label for label in labels.values() if label}),
+    )
     counts = collections.Counter(id(shared) for _, shared in instances)
     records: dict[tuple[str, str | None], SubgraphRecord] = {}
     fallback_ops: dict[str, int] = {}
     layers: list[dict[str, Any]] | None = None
-    for rep, comp, _ in lowered.values():
+    for rep, result, _ in lowered.values():
         count = counts[id(rep)]
-        for rec in comp.report.subgraphs:
+        for rec in result.report.subgraphs:
             merged = records.get((rec.fingerprint, rec.variant))
             if merged is None:
                 records[(rec.fingerprint, rec.variant)] = dataclasses.replace(rec, instances=rec.instances * count)
             else:
                 merged.instances += rec.instances * count
-        for op, n in comp.report.fallback_ops.items():
+        for op, n in result.report.fallback_ops.items():
             fallback_ops[op] = fallback_ops.get(op, 0) + n * count
-        if "layers" in comp.report.sparsity:
+        if "layers" in result.report.sparsity:
             layers = layers or []
             for region, shared in instances:
                 if shared is rep:
-                    layers += [{**layer, "layer": _rename(layer["layer"], rep.label, region.label)}
-                               for layer in comp.report.sparsity["layers"]]
+                    layers += [
+                        {**layer, "layer": _rename(layer["layer"], rep.label, region.label)}
+                        for layer in result.report.sparsity["layers"]
+                    ]
     report.subgraphs = list(records.values())
     report.fallback_ops = fallback_ops
     report.sparsity = pipeline.sparsity_summary(sparsity_mode, layers)
@@ -247,17 +257,13 @@ def _rename(layer: str, rep_label: str | None, label: str | None) -> str:
         return layer
     old, new = module_path(rep_label), module_path(label)
     if old and new and layer.startswith(old):
-        return new + layer[len(old):]
+        return new + layer[len(old) :]
     return layer
 
 
 def _capture_instances(instances, lowered) -> None:
     """``trt_subgraph.capture``: the weights of instances that reused a lowered region."""
-    by_rep = {id(rep): comp for rep, comp, _ in lowered.values()}
+    by_rep = {id(rep): result for rep, result, _ in lowered.values()}
     for region, rep in instances:
-        if region is rep:
-            continue
-        comp = by_rep[id(rep)]
-        for group, positions in comp.piece_weights:
-            weights = [region.inputs[i] if i is not None else None for i in positions]
-            comp.unique[group].instance_weights.append(weights)
+        if region is not rep:
+            by_rep[id(rep)].add_instance(region.inputs)

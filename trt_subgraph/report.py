@@ -1,13 +1,14 @@
 """What one compilation did: blocks found, engines built or reused, fallbacks, time."""
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 from typing import Any
 
-log = logging.getLogger("trt_subgraph")
+from ._state import on_reset
 
-STATUSES = ("built", "memory_hit", "disk_hit", "fallback")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -15,7 +16,7 @@ class SubgraphRecord:
     fingerprint: str
     nodes: int
     instances: int = 0
-    status: str = "built"
+    status: str = "built"  # built, memory_hit, disk_hit, or fallback (the engine failed; PyTorch runs it)
     build_s: float = 0.0
     error: str | None = None
     # Set where the engine's code depends on weight values (2:4 kernels): xxh3-64 of the
@@ -98,6 +99,7 @@ class Report:
 
 
 _REPORTS: list[Report] = []
+on_reset(_REPORTS.clear)
 
 
 def record(report: Report) -> None:

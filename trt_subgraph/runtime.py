@@ -5,14 +5,18 @@ a CUDA graph the weights are static inputs: replays read their memory in place, 
 address or version counter (a replaced parameter, ``load_state_dict``, an in-place update under
 ``no_grad``) re-records the graph.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-log = logging.getLogger("trt_subgraph")
+from ._compat import version_counter
+
+log = logging.getLogger(__name__)
 
 
 def _capturing() -> bool:
@@ -35,8 +39,12 @@ class PieceRunner(torch.nn.Module):
             if self.runner is self.canonical or _capturing():
                 raise
             # An engine that fails at run time is replaced by PyTorch for good, loudly.
-            log.warning("trt_subgraph: subgraph %s failed in its engine (%s: %s); running it in PyTorch",
-                        self.fingerprint, type(exc).__name__, exc)
+            log.warning(
+                "trt_subgraph: subgraph %s failed in its engine (%s: %s); running it in PyTorch",
+                self.fingerprint,
+                type(exc).__name__,
+                exc,
+            )
             self.runner = self.canonical
             out = self.runner(*args)
         return tuple(out) if isinstance(out, list) else out
@@ -81,7 +89,7 @@ class CUDAGraphForward:
         # A changed address or version counter (replaced or updated weight) re-records: engines
         # and ops that hold a derived copy of a weight (TensorRT refit, 2:4 compressed weights)
         # refresh it while recording, since replays run no Python.
-        addresses = [(args[i].data_ptr(), args[i]._version) for i in self.static_positions]
+        addresses = [(args[i].data_ptr(), version_counter(args[i])) for i in self.static_positions]
         if self.graph is None or addresses != self.addresses:
             if not self._record(args, addresses):
                 return self.forward(list(args))

@@ -6,6 +6,7 @@ Every compute node gets a block label (or None for glue between blocks), from, i
 then runs inside each block, so a partition never crosses a block boundary and identical
 blocks produce identical pieces.
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,6 +18,7 @@ import torch.fx
 
 from ._compat import invoke_subgraph_op
 from .engines.base import op_name
+from .fx_utils import placeholders
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,7 @@ def inline_invoke_subgraphs(gm: torch.fx.GraphModule) -> int:
 
 def _inline_body(gm, call, body, operands, label) -> None:
     env: dict[torch.fx.Node, Any] = {}
-    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-    for placeholder, operand in zip(placeholders, operands):
+    for placeholder, operand in zip(placeholders(body), operands):
         env[placeholder] = operand
     outputs = None
     with gm.graph.inserting_before(call):

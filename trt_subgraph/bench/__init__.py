@@ -1,11 +1,8 @@
-"""`trt-subgraph bench`: benchmark repeated-block models across torch.compile backends.
+"""Benchmark repeated-block models across torch.compile backends (``trt-subgraph bench``).
 
-Importing this package is cheap (no torch import): the CLI imports it to register the
-subcommand. The models live in `trt_subgraph.bench.models`, the sweep in `.runner`.
+Importing this package is cheap (no torch import). The models live in
+`trt_subgraph.bench.models`, the sweep in `.runner`, one case in `._case`, the tables and plots
+in `.output`; the command line is `trt_subgraph.cli.bench`.
 """
 
 from __future__ import annotations
-
-from trt_subgraph.bench.cli import add_cli
-
-__all__ = ["add_cli"]

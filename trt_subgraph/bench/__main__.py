@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from trt_subgraph.bench.cli import main
+from trt_subgraph.cli.bench import main
 
 sys.exit(main())

@@ -8,7 +8,6 @@ is one JSON line on stdout prefixed with `MARKER`.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
@@ -35,19 +34,6 @@ def machine_name(device: str) -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def load_factory(spec: str):
-    """'package.module:function' -> the function."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise ValueError(f"--model {spec!r}: expected a built-in name or 'package.module:factory'")
-    obj: Any = importlib.import_module(mod_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"--model {spec!r}: {attr} is not callable")
-    return obj
 
 
 def _tensors(out: Any) -> list:
@@ -91,6 +77,7 @@ def _build(spec: dict[str, Any]):
     import torch
 
     from trt_subgraph.bench import models
+    from trt_subgraph.cli.factory import load_factory
 
     name, kwargs, device = spec["model"], dict(spec.get("model_kwargs") or {}), spec["device"]
     if name in models.MODELS:
@@ -136,10 +123,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             res["params"] = sum(p.numel() for p in model.parameters())
             if spec.get("sparse"):
                 phase = "sparse"
-                try:
-                    from trt_subgraph.sparsity import prune_2_4
-                except ImportError as e:
-                    raise RuntimeError(f"--sparse needs trt_subgraph.sparsity.prune_2_4: {e}") from e
+                from trt_subgraph.sparse.analysis import prune_2_4
+
                 res["pruned_layers"] = len(prune_2_4(model).pruned)
 
             phase = "reference"
@@ -152,9 +137,13 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats()
 
             phase = "compile"
-            fn, info = prepare(spec["backend"], model, dtype=dtype,
-                               trt_options=spec.get("trt_options") or {},
-                               tt_options=spec.get("tt_options") or {})
+            fn, info = prepare(
+                spec["backend"],
+                model,
+                dtype=dtype,
+                trt_options=spec.get("trt_options") or {},
+                tt_options=spec.get("tt_options") or {},
+            )
             res.update(info)
 
             def timed_call() -> tuple[Any, float]:
@@ -224,9 +213,12 @@ def _trt_report() -> dict[str, Any]:
 
         d = trt_subgraph.last_report().to_dict()
         sparsity = d.get("sparsity") or {}
-        return {"trt_engine": d.get("engine"), "trt_totals": d.get("totals"),
-                "trt_sparse_layers": len(sparsity.get("sparse", [])),
-                "trt_cudagraphs": d.get("cudagraphs")}
+        return {
+            "trt_engine": d.get("engine"),
+            "trt_totals": d.get("totals"),
+            "trt_sparse_layers": len(sparsity.get("sparse", [])),
+            "trt_cudagraphs": d.get("cudagraphs"),
+        }
     except Exception as e:
         return {"trt_report_error": f"{type(e).__name__}: {e}"}
 

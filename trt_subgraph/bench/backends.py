@@ -16,8 +16,7 @@ from torch import nn
 
 from trt_subgraph._compat import raise_recompile_limit
 
-BACKENDS: tuple[str, ...] = ("eager", "inductor", "reduce-overhead", "regional", "trt_subgraph",
-                             "torch_tensorrt")
+BACKENDS: tuple[str, ...] = ("eager", "inductor", "reduce-overhead", "regional", "trt_subgraph", "torch_tensorrt")
 # `compile:<name>` runs torch.compile(model, backend=<name>): any registered dynamo backend.
 COMPILE_PREFIX = "compile:"
 
@@ -26,8 +25,9 @@ def check_backend(name: str) -> str:
     """Validate a backend name; returns it."""
     if name in BACKENDS or (name.startswith(COMPILE_PREFIX) and len(name) > len(COMPILE_PREFIX)):
         return name
-    raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}, "
-                     f"or {COMPILE_PREFIX}<torch.compile backend name>")
+    raise ValueError(
+        f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}, or {COMPILE_PREFIX}<torch.compile backend name>"
+    )
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -54,8 +54,9 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return [b for b in blocks if id(b) not in inner]
 
 
-def prepare(backend: str, model: nn.Module, *, dtype: torch.dtype, trt_options: dict[str, Any],
-            tt_options: dict[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+def prepare(
+    backend: str, model: nn.Module, *, dtype: torch.dtype, trt_options: dict[str, Any], tt_options: dict[str, Any]
+) -> tuple[Callable[..., Any], dict[str, Any]]:
     """Return (callable, info) for `backend`; info holds facts worth reporting (e.g. blocks)."""
     check_backend(backend)
     raise_recompile_limit(64)
@@ -69,8 +70,10 @@ def prepare(backend: str, model: nn.Module, *, dtype: torch.dtype, trt_options: 
     if backend == "regional":
         blocks = find_blocks(model)
         if not blocks:
-            raise ValueError("regional: found no repeated blocks (children of an nn.ModuleList or "
-                             "nn.Sequential that share one class)")
+            raise ValueError(
+                "regional: found no repeated blocks (children of an nn.ModuleList or "
+                "nn.Sequential that share one class)"
+            )
         for block in blocks:
             block.compile(backend="inductor")
         info["regional_blocks"] = len(blocks)
@@ -84,4 +87,4 @@ def prepare(backend: str, model: nn.Module, *, dtype: torch.dtype, trt_options: 
 
         options = {"enabled_precisions": {dtype}, **tt_options}
         return torch.compile(model, backend="torch_tensorrt", options=options), info
-    return torch.compile(model, backend=backend[len(COMPILE_PREFIX):]), info
+    return torch.compile(model, backend=backend[len(COMPILE_PREFIX) :]), info

@@ -1,7 +1,7 @@
 """Repeated-block benchmark models in plain PyTorch (no torchvision).
 
 Why here: the benchmark and the tests need the same deterministic models, built from
-identical blocks the way real networks are, at GPU sizes (issue 2) and at tiny CPU sizes.
+identical blocks the way real networks are, at GPU benchmark sizes and at tiny CPU sizes.
 `build(name, ...)` returns ``(model, example_inputs)``; the model is in eval mode on the
 requested device and dtype, and both weights and inputs depend only on ``seed``.
 """
@@ -16,19 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "MODELS",
-    "DTYPES",
     "DEFAULTS",
-    "build",
-    "EncoderBlock",
-    "DecoderBlock",
-    "Bottleneck",
-    "RMSNorm",
-    "Encoder",
-    "ViT",
-    "ResNet",
-    "Decoder",
+    "DTYPES",
     "MLP",
+    "MODELS",
+    "Bottleneck",
+    "Decoder",
+    "DecoderBlock",
+    "Encoder",
+    "EncoderBlock",
+    "RMSNorm",
+    "ResNet",
+    "ViT",
+    "build",
 ]
 
 MODELS: tuple[str, ...] = ("encoder", "vit", "resnet", "decoder", "mlp")
@@ -87,8 +87,7 @@ class EncoderBlock(nn.Module):
 class Encoder(nn.Module):
     """BERT-base-like encoder over token ids; returns the final hidden states."""
 
-    def __init__(self, depth: int, width: int, heads: int, vocab: int, max_seq: int,
-                 norm_first: bool = True) -> None:
+    def __init__(self, depth: int, width: int, heads: int, vocab: int, max_seq: int, norm_first: bool = True) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.randn(1, max_seq, width) * 0.02)
@@ -106,8 +105,7 @@ class Encoder(nn.Module):
 class ViT(nn.Module):
     """ViT-B/16-like classifier: conv patch embedding, cls token, pre-norm blocks, head."""
 
-    def __init__(self, depth: int, width: int, heads: int, image: int, patch: int,
-                 num_classes: int) -> None:
+    def __init__(self, depth: int, width: int, heads: int, image: int, patch: int, num_classes: int) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2d(3, width, kernel_size=patch, stride=patch)
         n = (image // patch) ** 2
@@ -216,8 +214,10 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         h = self.attn_norm(x)
-        q, k, v = (p(h).view(b, s, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(h).view(b, s, self.heads, d // self.heads).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -229,8 +229,9 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     """Llama-like decoder: embedding, blocks, final RMSNorm, lm head; returns logits."""
 
-    def __init__(self, depth: int, width: int, heads: int, vocab: int, max_seq: int,
-                 rope_theta: float = 10000.0) -> None:
+    def __init__(
+        self, depth: int, width: int, heads: int, vocab: int, max_seq: int, rope_theta: float = 10000.0
+    ) -> None:
         super().__init__()
         head_dim = width // heads
         if head_dim % 2:
@@ -262,14 +263,15 @@ class MLP(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
-                                 nn.ReLU(), nn.Linear(width, 10))
+        self.net = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.ReLU(), nn.Linear(width, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-# Defaults are the GPU benchmark sizes of issue 2.
+# Defaults are the GPU benchmark sizes.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "encoder": {"depth": 12, "width": 768, "batch": 8, "seq": 128},
     "vit": {"depth": 12, "width": 768, "batch": 32, "image": 224},
@@ -357,8 +359,9 @@ def build(
     if name in ("encoder", "decoder"):
         seq = _positive("seq", d["seq"] if seq is None else seq)
         h = _heads_for(width, heads)
-        v = _positive("vocab", vocab if vocab is not None else
-                      (1000 if width < 256 else (30522 if name == "encoder" else 32000)))
+        v = _positive(
+            "vocab", vocab if vocab is not None else (1000 if width < 256 else (30522 if name == "encoder" else 32000))
+        )
         if name == "encoder":
             model = Encoder(depth, width, h, v, max_seq=seq, norm_first=norm_first)
         else:

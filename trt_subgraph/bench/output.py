@@ -8,8 +8,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("depth", "backend", "first call s", "2nd call s", "median ms", "p10-p90 ms", "peak MB", "rel err",
-           "uniq/builds/reuses", "fallback", "status")
+COLUMNS = (
+    "depth",
+    "backend",
+    "first call s",
+    "2nd call s",
+    "median ms",
+    "p10-p90 ms",
+    "peak MB",
+    "rel err",
+    "uniq/builds/reuses",
+    "fallback",
+    "status",
+)
 
 
 def _num(x: float | None) -> str:
@@ -96,11 +107,13 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
     meta, cfg = data["meta"], data["meta"]["config"]
     runs = cfg.get("runs", 1)  # results files from before --runs have none
     v = meta["versions"]
-    vers = ", ".join(f"{k} {val if val else '(not installed)' if k != 'cuda' else 'none'}"
-                     for k, val in v.items())
+    vers = ", ".join(f"{k} {val if val else '(not installed)' if k != 'cuda' else 'none'}" for k, val in v.items())
     timer = "CUDA events" if cfg["device"].startswith("cuda") else "time.perf_counter"
-    mem = ("torch.cuda.max_memory_allocated after the reference (PyTorch allocator only)"
-           if cfg["device"].startswith("cuda") else "the case process's max RSS (includes the fp32 reference)")
+    mem = (
+        "torch.cuda.max_memory_allocated after the reference (PyTorch allocator only)"
+        if cfg["device"].startswith("cuda")
+        else "the case process's max RSS (includes the fp32 reference)"
+    )
     out = [
         f"# {cfg.get('title') or 'trt-subgraph bench'}",
         "",
@@ -113,8 +126,11 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
     ]
     commands = meta.get("commands") or []
     if commands:
-        out.append("- Command" + ("s:" if len(commands) > 1 else ":")
-                   + "".join(f"\n  `{c}`" if len(commands) > 1 else f" `{c}`" for c in commands))
+        out.append(
+            "- Command"
+            + ("s:" if len(commands) > 1 else ":")
+            + "".join(f"\n  `{c}`" if len(commands) > 1 else f" `{c}`" for c in commands)
+        )
     out += [
         "",
         "Each case runs in a fresh process with empty inductor, triton and trt_subgraph caches. "
@@ -125,10 +141,13 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         "‖y − ref‖ / ‖ref‖ in fp32 against an fp32 eager run of the same weights and inputs (worst of "
         "the first and a steady-state call). *uniq/builds/reuses*, *fallback*: trt_subgraph's report "
         "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch)."
-        + (" With several runs per case (round by round, each a fresh process), a row is the run "
-           "with the median first call (of an even count, the faster middle one); the range of all "
-           "runs' first calls is in brackets."
-           if runs > 1 else ""),
+        + (
+            " With several runs per case (round by round, each a fresh process), a row is the run "
+            "with the median first call (of an even count, the faster middle one); the range of all "
+            "runs' first calls is in brackets."
+            if runs > 1
+            else ""
+        ),
         "",
     ]
     for model, rows in _by_model(data["results"]).items():
@@ -160,8 +179,10 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {m: [r for r in rows if r.get("status") == "ok" and _x(r) is not None]
-              for m, rows in _by_model(data["results"]).items()}
+    groups = {
+        m: [r for r in rows if r.get("status") == "ok" and _x(r) is not None]
+        for m, rows in _by_model(data["results"]).items()
+    }
     groups = {m: rows for m, rows in groups.items() if rows}
     if not groups:
         return []
@@ -178,10 +199,20 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     for ax, (model, rows) in zip(axes.flat, groups.items()):
         for name in dict.fromkeys(_series(r) for r in rows):
-            pts = sorted((_x(r), r["first_call_s"], r.get("first_call_s_runs") or [r["first_call_s"]])
-                         for r in rows if _series(r) == name)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], fmt="o-", capsize=3, label=name,
-                        color=colors[name], yerr=[[p[1] - min(p[2]) for p in pts], [max(p[2]) - p[1] for p in pts]])
+            pts = sorted(
+                (_x(r), r["first_call_s"], r.get("first_call_s_runs") or [r["first_call_s"]])
+                for r in rows
+                if _series(r) == name
+            )
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                fmt="o-",
+                capsize=3,
+                label=name,
+                color=colors[name],
+                yerr=[[p[1] - min(p[2]) for p in pts], [max(p[2]) - p[1] for p in pts]],
+            )
         ax.set_xticks(sorted({_x(r) for r in rows}))
         ax.set_title(model)
         ax.set_xlabel("depth (blocks)")
@@ -190,10 +221,12 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     runs = data["meta"]["config"].get("runs", 1)
-    title = (f"Cold first call vs depth ({unit}; median, range of {runs} fresh runs)" if runs > 1
-             else f"Cold first-call time vs depth ({unit}, fresh process and caches)")
-    written.append(_finish(plt, fig, axes, n, title,
-                           out_dir / "first_call.png"))
+    title = (
+        f"Cold first call vs depth ({unit}; median, range of {runs} fresh runs)"
+        if runs > 1
+        else f"Cold first-call time vs depth ({unit}, fresh process and caches)"
+    )
+    written.append(_finish(plt, fig, axes, n, title, out_dir / "first_call.png"))
 
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     for ax, (model, rows) in zip(axes.flat, groups.items()):
@@ -219,8 +252,11 @@ def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("median latency (ms" + (", log scale)" if max(lat) > 20 * min(lat) else ")"))
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    written.append(_finish(plt, fig, axes, n, f"Steady-state latency per backend ({unit}, p10-p90 whiskers)",
-                           out_dir / "latency.png"))
+    written.append(
+        _finish(
+            plt, fig, axes, n, f"Steady-state latency per backend ({unit}, p10-p90 whiskers)", out_dir / "latency.png"
+        )
+    )
     return written
 
 

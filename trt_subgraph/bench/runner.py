@@ -9,6 +9,14 @@ the "warm" variant, i.e. what a second process on the same machine pays.
 First-call times of identical processes spread by tens of percent (imports, the CPU load of
 compile workers), so ``runs`` repeats the sweep round by round (drift then hits every backend
 alike) and each row is the run with the median first call, holding every run's first call.
+
+Case processes need Python bytecode for torch and the packages a compile imports. `pip install`
+writes it beside the sources, but some machines ship packages without `.pyc` files and set
+PYTHONDONTWRITEBYTECODE=1; there every fresh process compiles torch's sources again, which adds
+seconds to every import and first call. With ``bytecode="auto"`` (the default) the sweep checks
+this once, before the first case, and if the bytecode is missing compiles it into a cache
+directory (``python -m compileall``, one worker per core) and passes PYTHONPYCACHEPREFIX to
+every case process.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -23,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +47,49 @@ from trt_subgraph.bench.models import DEFAULTS, DTYPES, MODELS
 # Small sizes so that a CPU-only user sees a result within about a minute.
 CPU_DEFAULTS: dict[str, Any] = {"width": 64, "batch": 2, "seq": 16, "image": 32, "depths": [2, 4]}
 SIZE_KEYS = ("width", "batch", "seq", "image")
+BYTECODE_MODES = ("auto", "off")
+# Packages a case process imports (besides the standard library), compiled when bytecode is missing.
+BYTECODE_PACKAGES = (
+    "torch",
+    "torchgen",
+    "functorch",
+    "triton",
+    "sympy",
+    "mpmath",
+    "numpy",
+    "jinja2",
+    "markupsafe",
+    "networkx",
+    "filelock",
+    "fsspec",
+    "typing_extensions",
+    "packaging",
+    "onnx",
+    "psutil",
+    "yaml",
+    "tqdm",
+    "setuptools",
+    "_distutils_hack",
+    "xxhash",
+    "transformers",
+    "torch_tensorrt",
+    "tensorrt",
+    "trt_subgraph",
+)
+# Modules whose bytecode tells whether a case process would find any.
+BYTECODE_PROBES = ("torch/__init__.py", "torch/_inductor/compile_fx.py")
+# Standard-library folders a compile never imports.
+_STDLIB_SKIP = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "__pycache__",
+}
 
 
 @dataclasses.dataclass
@@ -47,7 +100,7 @@ class Config:
     backends: list[str]
     device: str
     dtype: str
-    depths: list[int] | None = None          # None: each model's default depth
+    depths: list[int] | None = None  # None: each model's default depth
     width: int | None = None
     batch: int | None = None
     seq: int | None = None
@@ -62,6 +115,7 @@ class Config:
     runs: int = 1
     timeout: float = 900.0
     seed: int = 0
+    bytecode: str = "auto"  # "auto": compile missing bytecode before the first case; "off": never
     out: Path | None = None
     append: bool = False
     title: str = "trt-subgraph bench"
@@ -89,6 +143,8 @@ class Config:
             raise ValueError(f"depths must be positive, got {self.depths}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if self.bytecode not in BYTECODE_MODES:
+            raise ValueError(f"unknown bytecode mode {self.bytecode!r}; allowed: {', '.join(BYTECODE_MODES)}")
 
 
 @dataclasses.dataclass
@@ -96,7 +152,7 @@ class Case:
     model: str
     depth: int | None
     backend: str
-    variant: str            # "cold" or "warm"
+    variant: str  # "cold" or "warm"
     spec: dict[str, Any]
 
     def label(self) -> str:
@@ -111,7 +167,7 @@ def _model_kwargs(cfg: Config, model: str, depth: int | None) -> dict[str, Any]:
     if depth is not None:
         kw["depth"] = depth
     if model in MODELS and cfg.device == "cpu":
-        # Built-in models default to the GPU sizes of issue 2; on CPU use small ones.
+        # Built-in models default to their GPU benchmark sizes; on CPU use small ones.
         for k in SIZE_KEYS:
             kw.setdefault(k, CPU_DEFAULTS[k])
     if model == "mlp":
@@ -174,19 +230,32 @@ def _sizes(case: Case) -> dict[str, Any]:
     return {k: v for k, v in sizes.items() if v is not None}
 
 
-def run_case(case: Case, *, trt_cache_dir: str, timeout: float, log_file: Path | None = None) -> dict[str, Any]:
-    """Run one case in a fresh interpreter; always returns a row (errors and timeouts included)."""
-    row: dict[str, Any] = {"model": case.model, "depth": _depth_label(case), "backend": case.backend,
-                           "variant": case.variant, "sizes": _sizes(case)}
+def run_case(
+    case: Case, *, trt_cache_dir: str, timeout: float, log_file: Path | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run one case in a fresh interpreter; always returns a row (errors and timeouts included).
+
+    `env`: extra environment variables for the case process (e.g. PYTHONPYCACHEPREFIX)."""
+    row: dict[str, Any] = {
+        "model": case.model,
+        "depth": _depth_label(case),
+        "backend": case.backend,
+        "variant": case.variant,
+        "sizes": _sizes(case),
+    }
     tmp = tempfile.mkdtemp(prefix="trt_subgraph_bench_")
-    env = dict(os.environ)
-    env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
-               TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
-               TRT_SUBGRAPH_CACHE_DIR=trt_cache_dir)
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env.update(
+        TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+        TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+        TRT_SUBGRAPH_CACHE_DIR=trt_cache_dir,
+    )
     cmd = [sys.executable, "-m", "trt_subgraph.bench._case", json.dumps(case.spec)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # own group: a timeout kills compile workers too
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env, start_new_session=True
+    )  # own group: a timeout kills compile workers too
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         timed_out = False
@@ -204,7 +273,7 @@ def run_case(case: Case, *, trt_cache_dir: str, timeout: float, log_file: Path |
     result = None
     for line in stdout.splitlines():
         if line.startswith(MARKER):
-            result = json.loads(line[len(MARKER):])
+            result = json.loads(line[len(MARKER) :])
     if timed_out:
         row.update(status="timeout", error=f"timed out after {timeout:g}s")
     elif result is None:
@@ -256,8 +325,124 @@ def _case_log_name(case: Case) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in case.label().replace(" ", "_")) + ".log"
 
 
-def _iter_runs(cfg: Config, all_cases: list[Case], stream: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(case index, row) for every process, round by round."""
+def bytecode_cache_dir() -> Path:
+    """Default PYTHONPYCACHEPREFIX for the case processes: trt_subgraph-bench/pycache in the user's
+    cache directory (``cache.paths.cache_home``). Bytecode is checked against its source's mtime and
+    size on every import, so one directory serves every environment and torch version."""
+    from ..cache.paths import cache_home
+
+    return cache_home() / "trt_subgraph-bench" / "pycache"
+
+
+def _pyc_path(source: str, prefix: str | None) -> str:
+    """Where an interpreter started with PYTHONPYCACHEPREFIX=prefix (None: unset) looks for the
+    bytecode of `source`."""
+    saved = sys.pycache_prefix
+    sys.pycache_prefix = prefix
+    try:
+        return importlib.util.cache_from_source(source)
+    finally:
+        sys.pycache_prefix = saved
+
+
+def _probe_sources() -> list[str]:
+    """BYTECODE_PROBES of the installed torch (none when torch cannot be found)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    site = os.path.dirname(next(iter(spec.submodule_search_locations)))
+    sources = [os.path.join(site, rel) for rel in BYTECODE_PROBES]
+    return [src for src in sources if os.path.isfile(src)]
+
+
+def has_bytecode(prefix: str | None, sources: list[str] | None = None) -> bool:
+    """True when a process with PYTHONPYCACHEPREFIX=prefix (None: unset) finds bytecode for every
+    probe source (by default torch's __init__ and inductor's compile_fx)."""
+    sources = _probe_sources() if sources is None else sources
+    return all(os.path.isfile(_pyc_path(src, prefix)) for src in sources)
+
+
+def _top_packages(models: list[str]) -> list[str]:
+    """Top-level packages of the users' --model factories (package.module:factory)."""
+    return [m.partition(":")[0].split(".")[0] for m in models if ":" in m]
+
+
+def bytecode_sources(models: list[str] = ()) -> list[str]:
+    """Files and folders to compile: the standard library (without its tests, GUI and
+    site-packages), BYTECODE_PACKAGES and the packages of the users' model factories, as found
+    by the import system; what is not installed is skipped."""
+    paths: list[str] = []
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if os.path.isdir(stdlib):
+        for name in sorted(os.listdir(stdlib)):
+            full = os.path.join(stdlib, name)
+            if name not in _STDLIB_SKIP and (name.endswith(".py") or (os.path.isdir(full) and "-" not in name)):
+                paths.append(full)
+    for name in dict.fromkeys([*BYTECODE_PACKAGES, *_top_packages(list(models))]):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            paths.extend(spec.submodule_search_locations)
+        elif spec.origin and spec.origin.endswith(".py"):
+            paths.append(spec.origin)
+    return list(dict.fromkeys(os.path.abspath(p) for p in paths))
+
+
+def compile_bytecode(prefix: str, paths: list[str]) -> subprocess.CompletedProcess:
+    """`python -m compileall -q -j 0 PATHS` with PYTHONPYCACHEPREFIX=prefix: bytecode for every
+    source under paths, written into the mirror tree under prefix, one worker per core. Up-to-date
+    files are skipped, so a second sweep costs only the checks."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=prefix)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "0", *paths],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+
+
+def prepare_bytecode(mode: str, models: list[str], stream: IO[str]) -> tuple[dict[str, str], str]:
+    """Before the first case: (environment for every case process, what was done, for meta).
+
+    "off": nothing. "auto": if a case process would find no bytecode for torch (where
+    PYTHONPYCACHEPREFIX points, else beside the sources), compile it into PYTHONPYCACHEPREFIX
+    when the user set it, else into bytecode_cache_dir(), and pass that to every case."""
+    if mode == "off":
+        return {}, "off"
+    user_prefix = os.environ.get("PYTHONPYCACHEPREFIX") or None
+    if has_bytecode(user_prefix):
+        where = f"in PYTHONPYCACHEPREFIX={user_prefix}" if user_prefix else "beside the sources"
+        return {}, f"present ({where})"
+    prefix = user_prefix or str(bytecode_cache_dir())
+    paths = bytecode_sources(models)
+    stream.write(
+        f"bytecode: torch has no compiled bytecode where the case processes look; compiling "
+        f"{len(paths)} packages and standard-library modules into {prefix} ... "
+    )
+    stream.flush()
+    t0 = time.perf_counter()
+    try:
+        os.makedirs(prefix, exist_ok=True)
+        compile_bytecode(prefix, paths)
+    except OSError as e:
+        stream.write(f"failed ({e}); the cases run without it\n")
+        return {}, f"missing; compiling it failed: {e}"
+    seconds = time.perf_counter() - t0
+    stream.write(f"{seconds:.1f}s\n")
+    return {"PYTHONPYCACHEPREFIX": prefix}, f"compiled into {prefix} (PYTHONPYCACHEPREFIX) in {seconds:.1f} s"
+
+
+def _iter_runs(
+    cfg: Config, all_cases: list[Case], stream: IO[str], env: dict[str, str] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(case index, row) for every process, round by round; `env` goes to every case process."""
     warm_dirs: dict[tuple[str, int | None], str] = {}
     plan = [(index, case) for _ in range(cfg.runs) for index, case in enumerate(all_cases)]
     for i, (index, case) in enumerate(plan, start=1):
@@ -269,7 +454,7 @@ def _iter_runs(cfg: Config, all_cases: list[Case], stream: IO[str]) -> Iterator[
         trt_dir = warm_dirs[key] if shared else tempfile.mkdtemp(prefix="trt_subgraph_bench_cache_")
         log_file = cfg.out / "logs" / _case_log_name(case) if cfg.out else None
         try:
-            row = run_case(case, trt_cache_dir=trt_dir, timeout=cfg.timeout, log_file=log_file)
+            row = run_case(case, trt_cache_dir=trt_dir, timeout=cfg.timeout, log_file=log_file, env=env)
         finally:
             if not shared or case.variant == "warm":
                 shutil.rmtree(trt_dir, ignore_errors=True)
@@ -309,12 +494,13 @@ def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
         "config": _config_dict(cfg),
     }
     samples: dict[int, list[dict[str, Any]]] = {}
+    env, meta["bytecode"] = prepare_bytecode(cfg.bytecode, cfg.models, stream)
 
     def current() -> dict[str, Any]:
         data = {"meta": meta, "results": [combine(samples[i]) for i in sorted(samples)]}
         return merge(previous, data) if previous else data
 
-    for index, row in _iter_runs(cfg, cases(cfg), stream):
+    for index, row in _iter_runs(cfg, cases(cfg), stream, env):
         samples.setdefault(index, []).append(row)
         meta["machine"] = meta["machine"] or row.get("machine")
         meta["duration_s"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
@@ -340,8 +526,10 @@ def check_appendable(old: dict[str, Any], new: dict[str, Any]) -> None:
     for key in ("device", "dtype", "warmup", "repeats", "runs", "sparse", "trt_options", "seed"):
         before, now = old.get(key, 1 if key == "runs" else None), new.get(key)  # files from before --runs
         if before != now:
-            raise ValueError(f"--append: {key} differs from the results in the --out folder "
-                             f"({before!r} there, {now!r} now); use another --out")
+            raise ValueError(
+                f"--append: {key} differs from the results in the --out folder "
+                f"({before!r} there, {now!r} now); use another --out"
+            )
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
@@ -358,14 +546,21 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     rows.update({_row_key(r): r for r in new["results"]})
     meta = dict(new["meta"])
     meta["commands"] = list(dict.fromkeys(old["meta"].get("commands", []) + new["meta"]["commands"]))
-    meta["config"] = {**nc, "models": list(dict.fromkeys(oc["models"] + nc["models"])),
-                      "backends": list(dict.fromkeys(oc["backends"] + nc["backends"]))}
+    meta["config"] = {
+        **nc,
+        "models": list(dict.fromkeys(oc["models"] + nc["models"])),
+        "backends": list(dict.fromkeys(oc["backends"] + nc["backends"])),
+    }
     models = {m: i for i, m in enumerate(meta["config"]["models"])}
     backends = {b: i for i, b in enumerate(meta["config"]["backends"])}
 
     def order(r: dict[str, Any]) -> tuple:
         d = r.get("depth")
-        return (models.get(r["model"], len(models)), (0, d, "") if isinstance(d, int) else (1, 0, str(d)),
-                backends.get(r["backend"], len(backends)), r.get("variant") == "warm")
+        return (
+            models.get(r["model"], len(models)),
+            (0, d, "") if isinstance(d, int) else (1, 0, str(d)),
+            backends.get(r["backend"], len(backends)),
+            r.get("variant") == "warm",
+        )
 
     return {"meta": meta, "results": sorted(rows.values(), key=order)}

@@ -1,4 +1,5 @@
 """Engines behind one protocol, and the choice of engine for ``engine="auto"``."""
+
 from __future__ import annotations
 
 import importlib
@@ -6,18 +7,18 @@ import logging
 
 import torch
 
+from .._state import warn_once
 from .base import CanonicalSubgraph, Engine
 
 __all__ = ["CanonicalSubgraph", "Engine", "select"]
 
-log = logging.getLogger("trt_subgraph")
+log = logging.getLogger(__name__)
 
 _ENGINES = {
     "eager": ("trt_subgraph.engines.eager", "EagerEngine"),
     "inductor": ("trt_subgraph.engines.inductor", "InductorEngine"),
     "tensorrt": ("trt_subgraph.engines.tensorrt", "TensorRTEngine"),
 }
-_announced: set[tuple[str, str]] = set()
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -35,9 +36,14 @@ def select(
             chosen, why = "tensorrt", "tensorrt and torch_tensorrt import and a CUDA device is present"
         else:
             chosen, why = "inductor", f"TensorRT engine unavailable: {reason}"
-        if (chosen, why) not in _announced:
-            _announced.add((chosen, why))
-            log.info("trt_subgraph: engine='auto' chose %r (%s)", chosen, why)
+        warn_once(
+            log,
+            ("engine='auto'", chosen, why),
+            "trt_subgraph: engine='auto' chose %r (%s)",
+            chosen,
+            why,
+            level=logging.INFO,
+        )
     else:
         chosen, why = name, "requested"
         if name == "tensorrt":
@@ -48,9 +54,10 @@ def select(
                     "Install the extra with `pip install trt_subgraph[tensorrt]` on a CUDA machine, "
                     "or pick engine='inductor'."
                 )
-    if chosen == "eager":
-        return engine_class(chosen)(torch_executed_ops=torch_executed_ops), why
-    return engine_class(chosen)(torch_executed_ops=torch_executed_ops, sparse=sparsity != "off"), why
+    cls = engine_class(chosen)
+    if cls.sparse_weights:
+        return cls(torch_executed_ops=torch_executed_ops, sparse=sparsity != "off"), why
+    return cls(torch_executed_ops=torch_executed_ops), why
 
 
 def _tensorrt_unavailable() -> str | None:

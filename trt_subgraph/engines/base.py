@@ -3,17 +3,20 @@
 An engine never sees module paths or node names, only a :class:`CanonicalSubgraph`, so the
 artifact it builds for one block is valid for every structurally identical block.
 """
+
 from __future__ import annotations
 
 import abc
 import dataclasses
 import operator
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
 
 from .._compat import OpOverload
+from ..fx_utils import placeholders
 
 WEIGHT, ACTIVATION, SYMINT = "weight", "activation", "symint"
 
@@ -28,7 +31,7 @@ class CanonicalSubgraph:
 
     @property
     def placeholders(self) -> list[torch.fx.Node]:
-        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        return placeholders(self.gm)
 
     @property
     def example_inputs(self) -> list[Any]:
@@ -44,10 +47,27 @@ class CanonicalSubgraph:
 
 
 class Engine(abc.ABC):
-    """Turns canonical subgraphs into runnable artifacts."""
+    """Turns canonical subgraphs into runnable artifacts.
+
+    The pipeline asks an engine what it can do through the capability attributes below, never
+    by its ``name`` (which is for reports, logs and cache entries).
+    """
 
     name: ClassVar[str]
     namespaces: ClassVar[tuple[str, ...]] = ("aten", "prims", "trt_subgraph")
+
+    #: Artifacts can be kept in the disk cache (``serialize`` returns bytes). When False the
+    #: disk cache is not consulted for this engine at all.
+    persistable: ClassVar[bool] = False
+    #: Builds 2:4 sparse kernels where a weight is 2:4; the constructor then takes ``sparse``
+    #: (whether it may), which the ``sparsity`` option sets.
+    sparse_weights: ClassVar[bool] = False
+    #: Compiles ``trt_subgraph::sparse_linear`` (cuSPARSELt), so the pipeline may route 2:4
+    #: linears of the graph through that op before the pieces reach the engine.
+    supports_sparse_linears: ClassVar[bool] = False
+    #: How graphs that need gradients run, since engines are inference-only: ``"inductor"``
+    #: (its differentiable compile) or ``"eager"`` (the Dynamo graph as it is).
+    differentiable_fallback: ClassVar[str] = "inductor"
 
     def __init__(self, *, torch_executed_ops: frozenset[str] = frozenset()) -> None:
         self.torch_executed_ops = torch_executed_ops
@@ -61,6 +81,11 @@ class Engine(abc.ABC):
         """Everything besides the subgraph that changes the artifact: part of every cache key."""
         return {"engine": self.name}
 
+    def codegen_key(self, sub: CanonicalSubgraph) -> dict[str, Any]:
+        """What of this machine the generated code depends on beyond torch's version and the
+        device (instruction set, compiler): part of every cache key."""
+        return {}
+
     def weight_variant(self, weight: torch.Tensor) -> str | None:
         """What in this weight's values changes the code built for it (None: nothing does).
 
@@ -70,7 +95,7 @@ class Engine(abc.ABC):
         return None
 
     def is_node_supported(self, node: torch.fx.Node) -> bool:
-        """ATen, prims and our own ops; other custom ops and ``torch_executed_ops`` run in PyTorch."""
+        """ATen, prims and trt_subgraph's own ops; other custom ops and ``torch_executed_ops`` run in PyTorch."""
         if node.target is operator.getitem:
             return True
         if not isinstance(node.target, OpOverload) or node.target.namespace not in self.namespaces:
@@ -83,7 +108,8 @@ class Engine(abc.ABC):
         """Build the artifact once per fingerprint (``weights``: the first instance's)."""
 
     def serialize(self, artifact: Any) -> bytes | None:
-        """Bytes for the disk cache, or None when this artifact cannot be persisted."""
+        """Bytes for the disk cache, or None when this artifact cannot be persisted (only
+        called when ``persistable``)."""
         return None
 
     def deserialize(self, payload: bytes, sub: CanonicalSubgraph) -> Any:

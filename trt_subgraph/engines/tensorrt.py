@@ -26,6 +26,7 @@ Coding convention that check relies on: torch_tensorrt is always reached through
 paths from ``torch_tensorrt``, TensorRT through ``trt``, and TensorRT objects are held in
 variables (or attributes) named ``engine``, ``context``, ``refitter``, ``runtime``, ``ser_config``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,16 +34,18 @@ import functools
 import json
 import logging
 import struct
-import time
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
 
+from .._compat import unset_fake_temporarily, version_counter
+from ..fx_utils import copy_graph, output_values
 from .base import ACTIVATION, SYMINT, WEIGHT, CanonicalSubgraph, Engine
 
-log = logging.getLogger("trt_subgraph.tensorrt")
+log = logging.getLogger(__name__)
 
 # Every torch_tensorrt name this module uses. "positional": how many positional arguments we pass;
 # "kwargs": keywords we pass (each must be a declared parameter: torch_tensorrt swallows unknown
@@ -51,11 +54,26 @@ log = logging.getLogger("trt_subgraph.tensorrt")
 TORCH_TRT_CONTRACT: dict[str, dict[str, Any]] = {
     "torch_tensorrt.Input.from_tensor": {"positional": 1},
     "torch_tensorrt.dynamo.CompilationSettings": {
-        "kwargs": ["device", "immutable_weights", "sparse_weights", "optimization_level", "disable_tf32",
-                   "strip_engine_weights", "refit_identical_engine_weights"],
-        "fields": ["device", "immutable_weights", "sparse_weights", "optimization_level", "disable_tf32",
-                   "strip_engine_weights", "refit_identical_engine_weights",
-                   "enable_experimental_decompositions", "decompose_attention"],
+        "kwargs": [
+            "device",
+            "immutable_weights",
+            "sparse_weights",
+            "optimization_level",
+            "disable_tf32",
+            "strip_engine_weights",
+            "refit_identical_engine_weights",
+        ],
+        "fields": [
+            "device",
+            "immutable_weights",
+            "sparse_weights",
+            "optimization_level",
+            "disable_tf32",
+            "strip_engine_weights",
+            "refit_identical_engine_weights",
+            "enable_experimental_decompositions",
+            "decompose_attention",
+        ],
     },
     "torch_tensorrt.dynamo.utils.to_torch_tensorrt_device": {"positional": 1},
     "torch_tensorrt.dynamo.lowering.pre_export_lowering": {"positional": 2},
@@ -64,13 +82,15 @@ TORCH_TRT_CONTRACT: dict[str, dict[str, Any]] = {
     },
     "torch_tensorrt.dynamo.lowering.post_lowering": {"positional": 2},
     "torch_tensorrt.dynamo.conversion.interpret_module_to_result": {
-        "positional": 1, "kwargs": ["inputs", "settings"],
+        "positional": 1,
+        "kwargs": ["inputs", "settings"],
     },
     "torch_tensorrt.dynamo.conversion._conversion.SerializedInterpreterResult": {
         "fields": ["serialized_engine", "input_names", "output_names"],
     },
     "torch_tensorrt.dynamo._refit.construct_refit_mapping": {
-        "positional": 1, "kwargs": ["inputs", "settings"],
+        "positional": 1,
+        "kwargs": ["inputs", "settings"],
     },
     "torch_tensorrt.dynamo.conversion.DYNAMO_CONVERTERS": {},
 }
@@ -82,8 +102,12 @@ TORCH_TRT_CONTRACT: dict[str, dict[str, Any]] = {
 TRT_CONTRACT: dict[str, list[str]] = {
     "Logger": ["WARNING"],
     "Runtime": ["deserialize_cuda_engine"],
-    "ICudaEngine": ["get_tensor_dtype", "create_execution_context", "create_serialization_config",
-                    "serialize_with_config"],
+    "ICudaEngine": [
+        "get_tensor_dtype",
+        "create_execution_context",
+        "create_serialization_config",
+        "serialize_with_config",
+    ],
     "IExecutionContext": ["set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"],
     "Refitter": ["get_all_weights", "set_named_weights", "get_missing_weights", "refit_cuda_engine"],
     "ISerializationConfig": ["set_flag", "clear_flag"],
@@ -110,42 +134,26 @@ def to_constant_module(sub: CanonicalSubgraph, weights: Sequence[torch.Tensor]) 
             f"(placeholders {positions}), got {len(weights)} weights"
         )
     root = torch.nn.Module()
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    placeholder_index = k = 0
-    for node in sub.gm.graph.nodes:
-        if node.op == "placeholder":
-            kind = sub.input_kinds[placeholder_index]
-            placeholder_index += 1
-            if kind == WEIGHT:
-                name = f"w_{k}"
-                root.register_buffer(name, _checked_weight(sub, node, k, weights[k]))
-                new = graph.get_attr(name)
-                k += 1
-            else:
-                new = graph.placeholder(node.name)
-        elif node.op == "output":
-            new = graph.output(torch.fx.map_arg(node.args[0], env.__getitem__))
-        elif node.op == "call_function":
-            new = graph.create_node(
-                "call_function", node.target,
-                torch.fx.map_arg(node.args, env.__getitem__),
-                torch.fx.map_arg(node.kwargs, env.__getitem__),
-                name=node.name,
-            )
-        else:
-            raise TypeError(f"trt_subgraph: unexpected {node.op} node {node.name} in a canonical subgraph")
-        if "val" in node.meta:
-            new.meta["val"] = node.meta["val"]
-        env[node] = new
+    buffers: list[str] = []
+
+    def input_node(graph: torch.fx.Graph, node: torch.fx.Node, i: int) -> torch.fx.Node:
+        if sub.input_kinds[i] != WEIGHT:
+            return graph.placeholder(node.name)
+        k = len(buffers)
+        buffers.append(f"w_{k}")
+        root.register_buffer(buffers[k], _checked_weight(sub, node, k, weights[k]))
+        return graph.get_attr(buffers[k])
+
+    graph = copy_graph(sub.gm.graph, input_node, node_name=lambda node, j: node.name)
     graph.lint()
     return torch.fx.GraphModule(root, graph, class_name="CanonicalConstantModule")
 
 
 def _checked_weight(sub: CanonicalSubgraph, node: torch.fx.Node, k: int, weight: Any) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"trt_subgraph: weight {k} of subgraph {sub.fingerprint} must be a tensor, "
-                        f"got {type(weight).__name__}")
+        raise TypeError(
+            f"trt_subgraph: weight {k} of subgraph {sub.fingerprint} must be a tensor, got {type(weight).__name__}"
+        )
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor) and (tuple(val.shape) != tuple(weight.shape) or val.dtype != weight.dtype):
         raise ValueError(
@@ -157,7 +165,7 @@ def _checked_weight(sub: CanonicalSubgraph, node: torch.fx.Node, k: int, weight:
 
 def _weights_key(weights: Sequence[torch.Tensor]) -> tuple:
     """What identifies the values an engine was last refit with: address and in-place version."""
-    return tuple((w.data_ptr(), w._version) for w in weights)
+    return tuple((w.data_ptr(), version_counter(w)) for w in weights)
 
 
 @dataclasses.dataclass
@@ -179,7 +187,7 @@ class TensorRTArtifact:
 
     @staticmethod
     def record(weights: Sequence[torch.Tensor]) -> tuple:
-        return tuple((weakref.ref(w), w.data_ptr(), w._version) for w in weights)
+        return tuple((weakref.ref(w), w.data_ptr(), version_counter(w)) for w in weights)
 
     def holds(self, weights: Sequence[torch.Tensor]) -> bool:
         """True when the plan's baked weights are exactly these tensors' current values."""
@@ -187,19 +195,19 @@ class TensorRTArtifact:
             return False
         for (ref, ptr, version), w in zip(self.built_with, weights):
             held = ref()
-            if held is None or held.data_ptr() != ptr or (w.data_ptr(), w._version) != (ptr, version):
+            if held is None or held.data_ptr() != ptr or (w.data_ptr(), version_counter(w)) != (ptr, version):
                 return False
         return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trt() -> Any:
     import tensorrt as trt
 
     return trt
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _logger() -> Any:
     trt = _trt()
     return trt.Logger(trt.Logger.WARNING)
@@ -236,9 +244,14 @@ def _serialize(engine: Any, *, strip: bool) -> bytes:
 def _trt_dtype(dtype: torch.dtype) -> Any:
     trt = _trt()
     table = {
-        torch.float32: trt.DataType.FLOAT, torch.float16: trt.DataType.HALF, torch.bfloat16: trt.DataType.BF16,
-        torch.int8: trt.DataType.INT8, torch.int32: trt.DataType.INT32, torch.int64: trt.DataType.INT64,
-        torch.bool: trt.DataType.BOOL, torch.uint8: trt.DataType.UINT8,
+        torch.float32: trt.DataType.FLOAT,
+        torch.float16: trt.DataType.HALF,
+        torch.bfloat16: trt.DataType.BF16,
+        torch.int8: trt.DataType.INT8,
+        torch.int32: trt.DataType.INT32,
+        torch.int64: trt.DataType.INT64,
+        torch.bool: trt.DataType.BOOL,
+        torch.uint8: trt.DataType.UINT8,
     }
     if dtype not in table:
         raise TypeError(f"trt_subgraph: TensorRT weights cannot be {dtype}; supported: {sorted(map(str, table))}")
@@ -246,8 +259,16 @@ def _trt_dtype(dtype: torch.dtype) -> Any:
 
 
 def _torch_dtype(trt_dtype: Any) -> torch.dtype:
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int32, torch.int64,
-                  torch.bool, torch.uint8):
+    for dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        torch.uint8,
+    ):
         if _trt_dtype(dtype) == trt_dtype:
             return dtype
     raise TypeError(f"trt_subgraph: TensorRT tensor type {trt_dtype} has no torch equivalent here")
@@ -261,6 +282,8 @@ class TensorRTEngine(Engine):
     """Builds through torch_tensorrt's conversion API, refits per instance with ``trt.Refitter``."""
 
     name = "tensorrt"
+    persistable = True
+    sparse_weights = True
 
     def __init__(
         self,
@@ -275,8 +298,9 @@ class TensorRTEngine(Engine):
         if optimization_level is not None and (
             isinstance(optimization_level, bool) or optimization_level not in range(6)
         ):
-            raise ValueError(f"trt_subgraph: TensorRT optimization_level must be None or 0..5, "
-                             f"got {optimization_level!r}")
+            raise ValueError(
+                f"trt_subgraph: TensorRT optimization_level must be None or 0..5, got {optimization_level!r}"
+            )
         self.sparse = sparse
         self.optimization_level = optimization_level
 
@@ -295,10 +319,10 @@ class TensorRTEngine(Engine):
     def weight_variant(self, weight: torch.Tensor) -> str | None:
         """Whether a conv (>= 3-D) or linear (2-D) weight meets TensorRT's 2:4 rule: an engine
         holding one is built with SPARSE_WEIGHTS, and refitting a dense weight into it is wrong."""
-        if not self.sparse or weight.dim() < 2 or weight.dtype not in (torch.float16, torch.bfloat16, torch.int8):
-            return None
-        from ..sparsity import analyze_weight
+        from ..sparse.analysis import SPARSE_DTYPES, analyze_weight
 
+        if not self.sparse or weight.dim() < 2 or weight.dtype not in SPARSE_DTYPES:
+            return None
         return "2:4" if analyze_weight(weight, kind="linear" if weight.dim() == 2 else "conv").eligible else "dense"
 
     def settings(self) -> dict[str, Any]:
@@ -352,8 +376,9 @@ class TensorRTEngine(Engine):
             refit_identical_engine_weights=False,
         )
 
-    def _lowered(self, sub: CanonicalSubgraph, weights: Sequence[torch.Tensor], settings: Any
-                 ) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    def _lowered(
+        self, sub: CanonicalSubgraph, weights: Sequence[torch.Tensor], settings: Any
+    ) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
         """torch.export of the constant module, then torch_tensorrt's own front end.
 
         The same steps as ``convert_exported_program_to_serialized_trt_engine`` (2.11 and 2.13),
@@ -366,10 +391,12 @@ class TensorRTEngine(Engine):
         module = to_constant_module(sub, weights)
         exported = torch.export.export(module, tuple(examples), strict=False)
         exported = torch_tensorrt.dynamo.lowering.pre_export_lowering(exported, settings)
-        exported = exported.run_decompositions(torch_tensorrt.dynamo.lowering.get_decompositions(
-            enable_experimental_decompositions=settings.enable_experimental_decompositions,
-            decompose_attention=settings.decompose_attention,
-        ))
+        exported = exported.run_decompositions(
+            torch_tensorrt.dynamo.lowering.get_decompositions(
+                enable_experimental_decompositions=settings.enable_experimental_decompositions,
+                decompose_attention=settings.decompose_attention,
+            )
+        )
         gm = torch_tensorrt.dynamo.lowering.post_lowering(exported.module(), settings)
         return gm, examples
 
@@ -377,7 +404,6 @@ class TensorRTEngine(Engine):
         """Build the engine for the first instance (refittable; sparse where a layer is 2:4)."""
         import torch_tensorrt
         import torch_tensorrt.dynamo.conversion
-        from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
 
         _check_outputs(sub)
         with unset_fake_temporarily():
@@ -402,16 +428,17 @@ class TensorRTEngine(Engine):
         """Engine weight name -> value for one instance (names equal for every instance)."""
         import torch_tensorrt
         import torch_tensorrt.dynamo._refit
-        from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():
             settings = self._compilation_settings(_device_of(sub))
             gm, examples = self._lowered(sub, weights, settings)
-            return dict(torch_tensorrt.dynamo._refit.construct_refit_mapping(
-                gm,
-                inputs=[torch_tensorrt.Input.from_tensor(x) for x in examples],
-                settings=settings,
-            ))
+            return dict(
+                torch_tensorrt.dynamo._refit.construct_refit_mapping(
+                    gm,
+                    inputs=[torch_tensorrt.Input.from_tensor(x) for x in examples],
+                    settings=settings,
+                )
+            )
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -421,21 +448,28 @@ class TensorRTEngine(Engine):
         if not stripped and _can_strip():
             engine = _deserialize(artifact.plan)
             plan, stripped = _serialize(engine, strip=True), True
-        header = json.dumps({
-            "input_names": artifact.input_names, "output_names": artifact.output_names,
-            "sparse": artifact.sparse, "stripped": stripped,
-        }).encode()
+        header = json.dumps(
+            {
+                "input_names": artifact.input_names,
+                "output_names": artifact.output_names,
+                "sparse": artifact.sparse,
+                "stripped": stripped,
+            }
+        ).encode()
         return _PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + plan
 
     def deserialize(self, payload: bytes, sub: CanonicalSubgraph) -> TensorRTArtifact:
         if not payload.startswith(_PAYLOAD_MAGIC) or len(payload) < len(_PAYLOAD_MAGIC) + 4:
             raise ValueError("trt_subgraph: not a TensorRT artifact payload (bad magic)")
         start = len(_PAYLOAD_MAGIC) + 4
-        (size,) = struct.unpack("<I", payload[len(_PAYLOAD_MAGIC):start])
-        header = json.loads(payload[start:start + size])
+        (size,) = struct.unpack("<I", payload[len(_PAYLOAD_MAGIC) : start])
+        header = json.loads(payload[start : start + size])
         return TensorRTArtifact(
-            plan=payload[start + size:], input_names=header["input_names"], output_names=header["output_names"],
-            sparse=header["sparse"], stripped=header["stripped"],
+            plan=payload[start + size :],
+            input_names=header["input_names"],
+            output_names=header["output_names"],
+            sparse=header["sparse"],
+            stripped=header["stripped"],
         )
 
     def bind(self, artifact: TensorRTArtifact, sub: CanonicalSubgraph) -> TensorRTRunner:
@@ -445,7 +479,7 @@ class TensorRTEngine(Engine):
 class TensorRTRunner:
     """One instance: its own engine copy, refit whenever its weights' address or version changes.
 
-    ``refit_count``, ``rebuilt`` and ``rebuild_reason`` are for the report: a refit that fails
+    ``refit_count``, ``rebuilt`` and ``rebuild_reason`` say what happened: a refit that fails
     (names missing, TensorRT refusing) rebuilds an engine from this instance's weights instead.
     """
 
@@ -460,7 +494,6 @@ class TensorRTRunner:
         self.activation_positions = [i for i, kind in enumerate(sub.input_kinds) if kind == ACTIVATION]
         self.refit_key: tuple | None = None
         self.refit_count = 0
-        self.refit_s = 0.0
         self.rebuilt = False
         self.rebuild_reason: str | None = None
 
@@ -476,17 +509,19 @@ class TensorRTRunner:
     def _take_weights(self, weights: list[torch.Tensor]) -> None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("trt_subgraph: TensorRT weights changed during CUDA graph capture")
-        start = time.perf_counter()
         try:
             self._refit(weights)
         except Exception as exc:
-            log.warning("trt_subgraph: refit of subgraph %s failed (%s: %s); rebuilding this instance",
-                        self.sub.fingerprint, type(exc).__name__, exc)
+            log.warning(
+                "trt_subgraph: refit of subgraph %s failed (%s: %s); rebuilding this instance",
+                self.sub.fingerprint,
+                type(exc).__name__,
+                exc,
+            )
             self.artifact = self.owner.build(self.sub, weights)
             self.engine = _deserialize(self.artifact.plan)
             self.context = None
             self.rebuilt, self.rebuild_reason = True, f"{type(exc).__name__}: {exc}"
-        self.refit_s += time.perf_counter() - start
 
     def _refit(self, weights: list[torch.Tensor]) -> None:
         trt = _trt()
@@ -502,8 +537,9 @@ class TensorRTRunner:
             value = mapping[name].detach().contiguous()
             held.append(value)
             location = trt.TensorLocation.DEVICE if value.is_cuda else trt.TensorLocation.HOST
-            refitter.set_named_weights(name, trt.Weights(_trt_dtype(value.dtype), value.data_ptr(), value.numel()),
-                                       location)
+            refitter.set_named_weights(
+                name, trt.Weights(_trt_dtype(value.dtype), value.data_ptr(), value.numel()), location
+            )
         missing = list(refitter.get_missing_weights())
         if missing:
             raise RefitError(f"TensorRT reports weights still missing: {missing[:5]}")
@@ -525,8 +561,9 @@ class TensorRTRunner:
             context.set_tensor_address(name, value.data_ptr())
         outputs = []
         for name in self.artifact.output_names:
-            out = torch.empty(tuple(context.get_tensor_shape(name)),
-                              dtype=_torch_dtype(engine.get_tensor_dtype(name)), device=device)
+            out = torch.empty(
+                tuple(context.get_tensor_shape(name)), dtype=_torch_dtype(engine.get_tensor_dtype(name)), device=device
+            )
             outputs.append(out)
             context.set_tensor_address(name, out.data_ptr())
         if not context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
@@ -542,8 +579,10 @@ def _device_of(sub: CanonicalSubgraph) -> torch.device:
     devices = {v.device for v in sub.example_inputs if isinstance(v, torch.Tensor)}
     cuda = [d for d in devices if d.type == "cuda"]
     if len(devices) != 1 or not cuda:
-        raise ValueError(f"trt_subgraph: TensorRT needs every input of subgraph {sub.fingerprint} on one "
-                         f"CUDA device, found {sorted(map(str, devices))}")
+        raise ValueError(
+            f"trt_subgraph: TensorRT needs every input of subgraph {sub.fingerprint} on one "
+            f"CUDA device, found {sorted(map(str, devices))}"
+        )
     return cuda[0]
 
 
@@ -552,26 +591,29 @@ def _example_activations(sub: CanonicalSubgraph) -> list[torch.Tensor]:
     examples = []
     for kind, val in zip(sub.input_kinds, sub.example_inputs):
         if kind == SYMINT or (isinstance(val, torch.Tensor) and not all(isinstance(s, int) for s in val.shape)):
-            raise ValueError(f"trt_subgraph: the TensorRT engine builds static shapes only; subgraph "
-                             f"{sub.fingerprint} has symbolic sizes")
+            raise ValueError(
+                f"trt_subgraph: the TensorRT engine builds static shapes only; subgraph "
+                f"{sub.fingerprint} has symbolic sizes"
+            )
         if kind == ACTIVATION:
             examples.append(torch.zeros(tuple(val.shape), dtype=val.dtype, device=val.device))
     return examples
 
 
 def _check_outputs(sub: CanonicalSubgraph) -> None:
-    (output,) = [n for n in sub.gm.graph.nodes if n.op == "output"]
-    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    for value in values:
+    for value in output_values(sub.gm):
         if not isinstance(value, torch.fx.Node) or not isinstance(value.meta.get("val"), torch.Tensor):
-            raise ValueError(f"trt_subgraph: TensorRT engines return tensors only; subgraph {sub.fingerprint} "
-                             f"returns {value!r}")
+            raise ValueError(
+                f"trt_subgraph: TensorRT engines return tensors only; subgraph {sub.fingerprint} returns {value!r}"
+            )
         if value.op == "placeholder":
-            raise ValueError(f"trt_subgraph: subgraph {sub.fingerprint} returns its input {value.name} "
-                             "unchanged, which a TensorRT engine cannot alias")
+            raise ValueError(
+                f"trt_subgraph: subgraph {sub.fingerprint} returns its input {value.name} "
+                "unchanged, which a TensorRT engine cannot alias"
+            )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _converter_tables() -> tuple[Any, Any] | None:
     """torch_tensorrt's converter registry and decomposition table, or None when it does not import."""
     try:
@@ -581,10 +623,19 @@ def _converter_tables() -> tuple[Any, Any] | None:
     except Exception as exc:
         log.debug("trt_subgraph: torch_tensorrt unavailable for is_node_supported: %s", exc)
         return None
-    return (torch_tensorrt.dynamo.conversion.DYNAMO_CONVERTERS,
-            torch_tensorrt.dynamo.lowering.get_decompositions(
-                enable_experimental_decompositions=False, decompose_attention=False))
+    return (
+        torch_tensorrt.dynamo.conversion.DYNAMO_CONVERTERS,
+        torch_tensorrt.dynamo.lowering.get_decompositions(
+            enable_experimental_decompositions=False, decompose_attention=False
+        ),
+    )
 
 
-__all__ = ["TORCH_TRT_CONTRACT", "TRT_CONTRACT", "TensorRTArtifact", "TensorRTEngine", "TensorRTRunner",
-           "to_constant_module"]
+__all__ = [
+    "TORCH_TRT_CONTRACT",
+    "TRT_CONTRACT",
+    "TensorRTArtifact",
+    "TensorRTEngine",
+    "TensorRTRunner",
+    "to_constant_module",
+]

@@ -1,0 +1,147 @@
+"""The ``trt-subgraph`` command line as a user meets it: fast help, quiet pipes, modules in the cwd."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from trt_subgraph.cache import DiskCache, default_cache_dir, make_key
+from trt_subgraph.cli import build_parser, main
+from trt_subgraph.options import Options
+
+SUBCOMMANDS = ("cache", "sparsity", "export", "bench")
+
+# Runs main(argv) in a fresh interpreter and reports whether torch got imported.
+NO_TORCH = """
+import json, sys
+from trt_subgraph.cli import main
+try:
+    status = main(json.loads(sys.argv[1]))
+except SystemExit as exc:  # --help
+    status = exc.code
+print("@@", status, "torch" in sys.modules)
+"""
+
+
+def run_cli_process(argv: list[str], **kwargs) -> tuple[int, bool, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, json.dumps(argv)], capture_output=True, text=True, timeout=120, **kwargs
+    )
+    assert proc.returncode == 0, proc.stderr
+    *out, last = proc.stdout.strip().splitlines()
+    _, status, torch_loaded = last.split()
+    return int(status), torch_loaded == "True", "\n".join(out)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        *[[name, "--help"] for name in SUBCOMMANDS],
+        *[["cache", name, "--help"] for name in ("ls", "stats", "verify", "clear")],
+    ],
+)
+def test_help_imports_no_torch(argv):
+    status, torch_loaded, out = run_cli_process(argv)
+    assert status == 0 and "usage: trt-subgraph" in out
+    assert not torch_loaded
+
+
+def test_cache_ls_and_stats_import_no_torch(tmp_path):
+    cache = DiskCache(tmp_path / "cache", key_file=tmp_path / "key")
+    cache.put(make_key({"k": 0}), b"payload", {"engine": "inductor", "info": {"fingerprint": "e" * 32}})
+    env = {**os.environ, "TRT_SUBGRAPH_KEY_FILE": str(tmp_path / "key")}
+    for command in ("ls", "stats"):
+        status, torch_loaded, out = run_cli_process(["cache", command, "--dir", str(tmp_path / "cache")], env=env)
+        assert status == 0 and not torch_loaded
+    assert "e" * 32 in run_cli_process(["cache", "ls", "--dir", str(tmp_path / "cache")], env=env)[2]
+
+
+def test_importing_the_package_imports_no_torch():
+    code = "import sys, trt_subgraph, trt_subgraph.cache; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "trt-subgraph"):
+    """(command, parser) for the parser and every subcommand's, recursively."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_help_texts_are_plain_and_show_every_default():
+    for command, parser in _parsers(build_parser()):
+        text = parser.format_help()
+        assert "``" not in text and ":func:" not in text and ":class:" not in text, command
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help" and not action.required:
+                shown = formatter._get_help_string(action)
+                assert "default" in shown, f"{command} {action.option_strings[0]}: {action.help!r}"
+
+
+def test_python_dash_m_runs_the_command_line():
+    for module in ("trt_subgraph", "trt_subgraph.bench"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("usage: ")
+    assert "{cache,sparsity,export,bench}" in proc.stdout or "--backends" in proc.stdout
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """``trt-subgraph cache ls | head -1``: the reader goes away, the command says nothing."""
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "trt_subgraph", "cache", "ls", "--dir", str(tmp_path / "none")],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode in (0, 141)
+
+
+def test_export_finds_the_model_module_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    """A console script starts with its own directory on sys.path, not the cwd."""
+    (tmp_path / "my_local_models.py").write_text(
+        textwrap.dedent("""
+        from trt_subgraph.bench import models
+
+        def make():
+            return models.build("mlp", width=16, batch=2)
+    """)
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != tmp_path])
+    monkeypatch.delitem(sys.modules, "my_local_models", raising=False)
+    assert main(["export", "--onnx", str(tmp_path / "onnx"), "--model", "my_local_models:make"]) == 0
+    assert "unique subgraphs" in capsys.readouterr().out
+    assert (tmp_path / "onnx" / "index.json").is_file()
+    sys.modules.pop("my_local_models", None)
+
+
+@pytest.mark.parametrize("xdg", ["relative/xdg", "absolute"])
+def test_backend_and_cache_command_agree_on_the_default_cache_dir(tmp_path, monkeypatch, xdg):
+    """One definition; a relative XDG_CACHE_HOME is invalid (XDG spec) and ignored by both."""
+    monkeypatch.delenv("TRT_SUBGRAPH_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg") if xdg == "absolute" else xdg)
+    expected = tmp_path / "xdg" / "trt_subgraph" if xdg == "absolute" else tmp_path / "home" / ".cache" / "trt_subgraph"
+    assert default_cache_dir() == expected
+    assert Options.from_user({}).cache_dir == expected
+    args = build_parser().parse_args(["cache", "ls"])
+    assert Path(args.dir) == expected

@@ -1,0 +1,32 @@
+"""Persistent, bounded, multi-process-safe disk cache for built engines.
+
+One file per key, ``<key>.entry`` (format: :mod:`trt_subgraph.cache.entry`). Nothing is
+unpickled or executed while loading, but an inductor payload is a compiled artifact that torch
+*will* run later, so :meth:`DiskCache.get` only returns payloads whose authentication tag
+verifies with a per-user secret kept outside the cache directory (:func:`default_key_file`).
+Whoever can write the cache directory but cannot read that key file cannot make it run their
+code. A cache shared between users therefore needs the same key file for all of them (point
+``TRT_SUBGRAPH_KEY_FILE`` at one file readable by exactly those users); an entry written with
+another key is treated as damaged and removed.
+
+Modules: ``paths`` (where the cache and the key file live), ``entry`` (keys and the entry
+format), ``disk`` (the directory: entries, locks, eviction). None of them imports torch.
+"""
+
+from __future__ import annotations
+
+from .disk import DEFAULT_LOCK_TIMEOUT, DEFAULT_SIZE_LIMIT, DiskCache, EntryInfo
+from .entry import FORMAT_VERSION, MAGIC, make_key
+from .paths import default_cache_dir, default_key_file
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
+    "DEFAULT_SIZE_LIMIT",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "DiskCache",
+    "EntryInfo",
+    "default_cache_dir",
+    "default_key_file",
+    "make_key",
+]

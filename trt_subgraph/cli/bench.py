@@ -1,0 +1,250 @@
+"""``trt-subgraph bench`` / ``python -m trt_subgraph.bench``: benchmark repeated-block models.
+
+Importing this module is cheap (argparse only): torch and the runner are imported when the
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import HelpFormatter, add_command
+
+DESCRIPTION = """\
+Benchmark compile time, latency, memory and accuracy of torch.compile backends on
+repeated-block models, one fresh process per case."""
+
+EPILOG = """\
+examples:
+  %(prog)s                                   # CPU: small encoder, depths 2,4, eager/inductor/trt_subgraph
+  %(prog)s --models encoder --depths 4,8,16,32 --backends inductor,trt_subgraph --device cuda --out bench
+  %(prog)s --model mypkg.models:make --backends eager,inductor   # factory(**kwargs) -> (model, inputs)
+
+backends: eager, inductor, reduce-overhead, regional (each repeated block compiled alone with
+inductor), trt_subgraph, torch_tensorrt (if installed), compile:<name> (any torch.compile backend).
+"""
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _value(s: str) -> Any:
+    low = s.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return s
+
+
+def parse_kv(s: str) -> dict[str, Any]:
+    """'engine=inductor,cudagraphs=false' -> {'engine': 'inductor', 'cudagraphs': False}."""
+    out: dict[str, Any] = {}
+    for item in _csv(s):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value pairs separated by commas, got {item!r} in {s!r}")
+        out[key.strip()] = _value(val.strip())
+    return out
+
+
+def _depths(s: str) -> list[int]:
+    try:
+        depths = [int(x) for x in _csv(s)]
+    except ValueError:
+        raise ValueError(f"--depths must be comma-separated positive ints, got {s!r}") from None
+    if not depths or min(depths) < 1:
+        raise ValueError(f"--depths must be comma-separated positive ints, got {s!r}")
+    return depths
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench options (shared by the subcommand and `python -m trt_subgraph.bench`)."""
+    p.add_argument(
+        "--models",
+        help="built-in models, comma-separated: encoder, vit, resnet, decoder, "
+        "mlp (default: encoder, unless --model is given)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PKG.MODULE:FACTORY",
+        help="your own model: factory(**kwargs) returns (model, example_inputs); "
+        "kwargs are the sizes you set (depth, width, batch, seq, image) and --model-kwargs; "
+        "the module is looked up on the import path and in the current directory; repeatable "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        default="",
+        metavar="K=V,...",
+        help="extra keyword arguments for the models (e.g. heads=4,norm_first=false) (default: none)",
+    )
+    p.add_argument("--backends", default="eager,inductor,trt_subgraph", help="comma-separated (default: %(default)s)")
+    p.add_argument(
+        "--depths",
+        help="blocks to sweep, comma-separated (default: 2,4 on CPU; the model's own "
+        "depth on CUDA). resnet: blocks per stage",
+    )
+    for name, what in (
+        ("width", "model width (resnet: base channels)"),
+        ("batch", "batch size"),
+        ("seq", "sequence length (encoder, decoder)"),
+        ("image", "image size (vit, resnet)"),
+    ):
+        p.add_argument(
+            f"--{name}", type=int, help=f"{what} (default: small on CPU, the model's GPU benchmark size on CUDA)"
+        )
+    p.add_argument(
+        "--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU"
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--repeats", type=int, help="timed calls (default: 100 on CUDA, 20 on CPU)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed calls after the first two, which are timed on their own (default: 10 on CUDA, 3 on CPU)",
+    )
+    p.add_argument("--sparse", action="store_true", help="prune conv/linear weights to 2:4 first")
+    p.add_argument(
+        "--trt-options",
+        default="",
+        metavar="K=V,...",
+        help="options for the trt_subgraph backend, e.g. engine=inductor,sparsity=auto (default: none)",
+    )
+    p.add_argument(
+        "--torch-tensorrt-options",
+        default="",
+        metavar="K=V,...",
+        help="extra options for the torch_tensorrt backend (default: none)",
+    )
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="also run each trt_subgraph case again in a new process sharing its disk cache",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="fresh processes per case, round by round; the row is the run with the median first "
+        "call and shows the range of all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="write results.json, results.md, PNG plots (and logs/ of "
+        "failed cases) here (default: print the table only)",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the results already in --out (same device, dtype and timing settings); "
+        "new rows replace old rows of the same model, depth, backend and variant",
+    )
+    p.add_argument("--title", default="trt-subgraph bench", help="heading of results.md (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per case (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default: %(default)s)")
+    p.add_argument(
+        "--bytecode",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: if the case processes would find no Python bytecode for torch (packages shipped "
+        "without .pyc files, PYTHONDONTWRITEBYTECODE=1), compile it once before the first case into "
+        "~/.cache/trt_subgraph-bench/pycache (or $PYTHONPYCACHEPREFIX) and pass PYTHONPYCACHEPREFIX to "
+        "every case; off: never (default: %(default)s)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, command: str = ""):
+    """Resolve device-dependent defaults and validate; returns a runner.Config."""
+    import torch
+
+    from trt_subgraph.bench.runner import Config
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    models = _csv(args.models) if args.models else ([] if args.model else ["encoder"])
+    return Config(
+        models=models + list(args.model),
+        backends=_csv(args.backends),
+        device=device,
+        dtype=args.dtype or ("float16" if cuda else "float32"),
+        depths=_depths(args.depths) if args.depths else None,
+        width=args.width,
+        batch=args.batch,
+        seq=args.seq,
+        image=args.image,
+        model_kwargs=parse_kv(args.model_kwargs),
+        repeats=args.repeats if args.repeats is not None else (100 if cuda else 20),
+        warmup=args.warmup if args.warmup is not None else (10 if cuda else 3),
+        sparse=args.sparse,
+        trt_options=parse_kv(args.trt_options),
+        tt_options=parse_kv(args.torch_tensorrt_options),
+        warm_cache=args.warm_cache,
+        runs=args.runs,
+        timeout=args.timeout,
+        seed=args.seed,
+        bytecode=args.bytecode,
+        out=args.out,
+        append=args.append,
+        title=args.title,
+        command=command,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep, print the table; 2 on bad arguments, else 0 (failed cases are rows)."""
+    command = getattr(args, "bench_command", None) or f"trt-subgraph {shlex.join(sys.argv[1:])}"
+    try:
+        cfg = config_from_args(args, command)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from trt_subgraph.bench import output
+    from trt_subgraph.bench.runner import run_sweep
+
+    if cfg.append and cfg.out is None:
+        print("error: --append needs --out", file=sys.stderr)
+        return 2
+    try:
+        data = run_sweep(cfg)
+    except ValueError as e:  # --append onto incompatible results
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(output.terminal_table(data))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `bench` on the `trt-subgraph` parser."""
+    p = add_command(
+        subparsers,
+        "bench",
+        help="benchmark repeated-block models across backends",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m trt_subgraph.bench", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+    )
+    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p.set_defaults(bench_command=f"python -m trt_subgraph.bench {shlex.join(argv)}".strip())
+    return run(p.parse_args(argv))

@@ -1,0 +1,117 @@
+"""``trt-subgraph cache ls|stats|verify|clear``: inspect or clean the persistent engine cache."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+from . import add_command
+
+DESCRIPTION = """\
+Inspect or clean the persistent engine cache. Each entry is one built engine, keyed by its
+subgraph's fingerprint, the engine and its settings, the versions and the device."""
+
+
+def _human_size(n: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    x, i = float(n), 0
+    while x >= 1024 and i < len(units) - 1:
+        x /= 1024
+        i += 1
+    return f"{n} B" if i == 0 else f"{x:.1f} {units[i]}"
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cache import DiskCache
+
+    directory = pathlib.Path(args.dir).expanduser()
+    if not directory.is_dir():  # do not create a cache just to look at it
+        empty = {
+            "ls": [],
+            "stats": {"entries": 0, "bytes": 0, "directory": str(directory)},
+            "verify": {"ok": [], "removed": []},
+        }.get(args.cache_command)
+        print(json.dumps(empty) if getattr(args, "json", False) else f"no cache at {directory}")
+        return 0
+    cache = DiskCache(directory)
+    if args.cache_command == "ls":
+        infos = sorted(cache.entries(), key=lambda e: e.last_used, reverse=True)
+        if args.json:
+            print(json.dumps([{**dataclasses.asdict(e), "path": str(e.path)} for e in infos], indent=2))
+            return 0
+        rows = [("KEY", "FINGERPRINT", "ENGINE", "SIZE", "LAST USE")]
+        rows += [
+            (e.key, str(e.info.get("fingerprint", "-")), e.engine, _human_size(e.size), _when(e.last_used))
+            for e in infos
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
+        print(f"{len(infos)} entries, {_human_size(sum(e.size for e in infos))} in {cache.directory}")
+        return 0
+    if args.cache_command == "stats":
+        s = cache.stats()
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            print(
+                f"directory  {s['directory']}\nentries    {s['entries']}\n"
+                f"size       {_human_size(s['bytes'])} ({s['bytes']} bytes)\n"
+                f"limit      {_human_size(s['limit'])} (default; each process applies its own)\n"
+                f"key file   {s['key_file']}"
+            )
+        return 0
+    if args.cache_command == "verify":
+        try:
+            result = cache.verify()
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            for key, reason in result["removed"]:
+                print(f"removed  {key}  {reason}")
+            print(f"{len(result['ok'])} ok, {len(result['removed'])} damaged")
+        return 1 if result["removed"] else 0
+    n = cache.clear()
+    print(f"removed {n} entries from {cache.directory}")
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``trt-subgraph cache ls|stats|verify|clear``."""
+    from ..cache import default_cache_dir
+
+    p = add_command(subparsers, "cache", help="inspect or clean the persistent engine cache", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="cache_command", required=True, metavar="{ls,stats,verify,clear}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dir",
+        default=str(default_cache_dir()),
+        help="cache directory (default: %(default)s, from TRT_SUBGRAPH_CACHE_DIR, else XDG_CACHE_HOME, else ~/.cache)",
+    )
+    with_json = argparse.ArgumentParser(add_help=False)
+    with_json.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def command(name: str, parents: list, text: str) -> None:
+        add_command(sub, name, parents=parents, help=text, description=text[0].upper() + text[1:] + ".")
+
+    command("ls", [common, with_json], "list entries: key, fingerprint, engine, size, last use")
+    command("stats", [common, with_json], "entry count, bytes, limit, key file")
+    command(
+        "verify",
+        [common, with_json],
+        "check every entry, remove damaged ones (exit 1 if any, 2 if the key file is unusable)",
+    )
+    command("clear", [common], "remove every entry")
+    p.set_defaults(func=run)

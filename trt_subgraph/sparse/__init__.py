@@ -1,0 +1,33 @@
+"""2:4 structured sparsity, from analysis to runtime.
+
+- ``analysis``: which conv/linear weights are 2:4 and eligible for sparse kernels, and pruning
+  (the user API: :func:`check`, :func:`prune_2_4`, :func:`check_onnx`, re-exported here and by
+  ``trt_subgraph.sparsity``);
+- ``cusparselt``: a ctypes binding to cuSPARSELt with plans built once;
+- ``runtime``: the graph rewrite that routes 2:4 linears through ``trt_subgraph::sparse_linear``
+  for the inductor engine (imported by the pipeline, not here).
+"""
+
+from __future__ import annotations
+
+from .analysis import (
+    LayerSparsity,
+    PruneReport,
+    SparsityTable,
+    analyze_weight,
+    check,
+    check_onnx,
+    mask_2_4,
+    prune_2_4,
+)
+
+__all__ = [
+    "LayerSparsity",
+    "PruneReport",
+    "SparsityTable",
+    "analyze_weight",
+    "check",
+    "check_onnx",
+    "mask_2_4",
+    "prune_2_4",
+]
