@@ -29,14 +29,24 @@ from pathlib import Path
 from typing import Any
 
 # label -> (distribution, version). The bindings pair with torch_tensorrt through its METADATA
-# (2.11.0 requires tensorrt-cu13-bindings>=10.15.1,<10.16.0; 2.13.0 requires >=11.0.0,<11.1.0).
+# (2.11.0 requires tensorrt-cu13-bindings>=10.15.1,<10.16.0; 2.13.0 requires >=11.0.0,<11.1.0;
+# 2.14.0 requires >=11.1.0,<11.2.0). TensorRT 11.4 (the newest bindings) pairs with no
+# torch_tensorrt release; the export's refit script and the adapter's TensorRT names are
+# checked against it too.
 WHEELS = {
     "torch_tensorrt-2.11": ("torch_tensorrt", "2.11.0"),
     "torch_tensorrt-2.13": ("torch_tensorrt", "2.13.0"),
+    "torch_tensorrt-2.14": ("torch_tensorrt", "2.14.0"),
     "tensorrt-10.15": ("tensorrt-cu13-bindings", "10.15.1.29"),
     "tensorrt-11.0": ("tensorrt-cu13-bindings", "11.0.0.114"),
+    "tensorrt-11.1": ("tensorrt-cu13-bindings", "11.1.0.106"),
+    "tensorrt-11.4": ("tensorrt-cu13-bindings", "11.4.0.106"),
 }
-PAIRS = [("torch_tensorrt-2.11", "tensorrt-10.15"), ("torch_tensorrt-2.13", "tensorrt-11.0")]
+PAIRS = [
+    ("torch_tensorrt-2.11", "tensorrt-10.15"),
+    ("torch_tensorrt-2.13", "tensorrt-11.0"),
+    ("torch_tensorrt-2.14", "tensorrt-11.1"),
+]
 PLATFORM_ARGS = ["--only-binary=:all:", "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64"]
 _NETWORK_MARKERS = (
     "NewConnectionError",
@@ -424,6 +434,15 @@ TRT_RECEIVERS = {
     "runtime": "Runtime",
     "ser_config": "ISerializationConfig",
 }
+# The same for the export's refit script (trt_subgraph/trt_refit.py), which builds engines too.
+REFIT_SCRIPT_RECEIVERS = {
+    **TRT_RECEIVERS,
+    "builder": "Builder",
+    "network": "INetworkDefinition",
+    "config": "IBuilderConfig",
+    "parser": "OnnxParser",
+    "parser_refitter": "OnnxParserRefitter",
+}
 
 
 def _chain(node: ast.AST) -> list[str] | None:
@@ -436,8 +455,11 @@ def _chain(node: ast.AST) -> list[str] | None:
     return None
 
 
-def adapter_usage(path: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[str, ...]]]:
-    """What ``path`` uses: torch_tensorrt dotted names with the arguments passed, and TensorRT names.
+def adapter_usage(
+    path: Path, receivers: dict[str, str] = TRT_RECEIVERS
+) -> tuple[dict[str, dict[str, Any]], set[tuple[str, ...]]]:
+    """What ``path`` uses: torch_tensorrt dotted names with the arguments passed, and TensorRT names
+    (``receivers``: the variable names that hold TensorRT objects, and their classes).
 
     Returns ({dotted: {"positional": max count, "kwargs": set}}, {(Class,) or (Class, member)}).
     """
@@ -451,8 +473,8 @@ def adapter_usage(path: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[str,
         if isinstance(node, ast.Attribute) and not isinstance(parents.get(node), ast.Attribute):
             chain = _chain(node)
             if chain is None:
-                if isinstance(node.value, ast.Attribute) and node.value.attr in TRT_RECEIVERS:
-                    trt.add((TRT_RECEIVERS[node.value.attr], node.attr))
+                if isinstance(node.value, ast.Attribute) and node.value.attr in receivers:
+                    trt.add((receivers[node.value.attr], node.attr))
                 continue
             if chain[0] == "torch_tensorrt":
                 entry = torch_trt.setdefault(".".join(chain), {"positional": 0, "kwargs": set()})
@@ -462,8 +484,8 @@ def adapter_usage(path: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[str,
                     entry["kwargs"] |= {k.arg for k in call.keywords}
             elif chain[0] == "trt":
                 trt.add(tuple(chain[1:3]))
-            elif chain[-2] in TRT_RECEIVERS:
-                trt.add((TRT_RECEIVERS[chain[-2]], chain[-1]))
+            elif chain[-2] in receivers:
+                trt.add((receivers[chain[-2]], chain[-1]))
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)

@@ -249,6 +249,29 @@ def test_grad_path_is_differentiable_and_matches_eager(caplog):
     assert "gradients are enabled" in caplog.text
 
 
+@pytest.mark.parametrize("engine", ["eager", "inductor"])
+def test_grad_path_records_its_own_report(engine):
+    """last_report() describes the graph just compiled, not the model compiled before it."""
+    model, inputs = models.build("mlp", width=16, batch=4)
+    run_both(model, inputs, engine=engine)
+    assert trt_subgraph.last_report().subgraphs
+    out = compiled(TwoLayers(), engine=engine)(torch.randn(4, 8))
+    assert out.grad_fn is not None
+    report = trt_subgraph.last_report()
+    assert report.engine_reason.startswith("gradient path") and report.subgraphs == []
+    assert report.engine == ("eager" if engine == "eager" else "inductor")
+
+
+@pytest.mark.parametrize("engine", ["eager", "inductor"])
+def test_meta_device_inputs(engine):
+    """Meta tensors hold no values: the 2:4 check skips their weights, and the engines compile on shapes alone."""
+    model = TwoLayers().to("meta")
+    x = torch.randn(4, 8, device="meta")
+    actual, expected = run_both(model, (x,), engine=engine)
+    assert actual.device.type == "meta" and actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert {s.status for s in trt_subgraph.last_report().subgraphs} == {"built"}
+
+
 def test_reset_forgets_what_this_process_holds(caplog):
     """``trt_subgraph.reset()`` (also run by ``torch._dynamo.reset()``): artifacts in memory, the
     report history, warnings already shown; a compiled function still referenced keeps working."""
@@ -503,7 +526,7 @@ def test_cuda_graph_is_recorded_at_the_second_call_and_replayed_after_it():
         (y,) = graphed([x, weight])
         torch.testing.assert_close(y, x * weight + 1)
         if call == 0:
-            assert graphed.graph is None and capturing == [False]
+            assert not graphed.graphs and capturing == [False]
     # call 1 ran plain; call 2 ran once on a side stream, then captured; calls 3 and 4 replayed
     assert capturing == [False, False, True] and graphed.records == 1
     with torch.no_grad():

@@ -8,6 +8,7 @@ test the plumbing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import io
 import json
@@ -38,7 +39,9 @@ def _bytecode_present(monkeypatch):
 
 
 def test_build_rejects_unknown_model_listing_allowed_names():
-    with pytest.raises(ValueError, match="unknown model 'bert'; allowed: encoder, vit, resnet, decoder, mlp"):
+    with pytest.raises(
+        ValueError, match="unknown model 'bert'; allowed: encoder, vit, resnet, decoder, mlp, efficientnet, mobilenetv3"
+    ):
         models.build("bert")
 
 
@@ -100,6 +103,22 @@ def test_find_blocks_finds_the_repeated_blocks():
     assert [b.downsample is not None for b in res.layer4] == [True, False, False]
     mlp, _ = models.build("mlp", width=16, batch=2)
     assert find_blocks(mlp) == []
+
+
+def test_convnext_has_convnext_t_layout_and_its_blocks_are_found():
+    model, (x,) = models.build("convnext", depth=2, width=16, batch=2, image=32)
+    blocks = find_blocks(model)
+    assert len(blocks) == 8 and all(isinstance(b, models.ConvNeXtBlock) for b in blocks)
+    assert isinstance(model.stages[0].downsample, torch.nn.Identity)
+    assert [stage.downsample[1].stride for stage in model.stages[1:]] == [(2, 2)] * 3
+    assert blocks[0].conv_dw.groups == 16 and blocks[0].conv_dw.kernel_size == (7, 7)
+    assert model(x).shape == (2, 1000)
+    # ConvNeXt-T at the GPU defaults: 28.6 M parameters, as timm's convnext_tiny.
+    tiny, _ = models.build("convnext", batch=1, image=32)
+    assert [len(stage.blocks) for stage in tiny.stages] == [3, 3, 9, 3]
+    assert round(sum(p.numel() for p in tiny.parameters()) / 1e6, 1) == 28.6
+    with pytest.raises(ValueError, match="convnext depth must be an int or 4 ints"):
+        models.build("convnext", depth=(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,3 +600,245 @@ def test_compile_bytecode_writes_where_a_prefixed_interpreter_looks(monkeypatch,
     # A --model factory's package is compiled too.
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     assert str(pkg) in runner.bytecode_sources(["tinypkg.mod:make"])
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic shapes: --batches / --seqs
+
+
+def test_make_inputs_gives_builds_inputs_at_any_size_from_the_same_generator():
+    model, (ids,) = models.build("encoder", **{**SMALL, "seq": 8}, seed=4)
+    again = models.make_inputs("encoder", model, batch=2, seq=8, seed=4)[0]
+    assert torch.equal(again, ids)
+    (wide,) = models.make_inputs("encoder", model, batch=5, seq=6, seed=4)
+    assert wide.shape == (5, 6) and wide.dtype == torch.int64 and int(wide.max()) < model.embed.num_embeddings
+    with pytest.raises(ValueError, match="seq 9 exceeds the 8 tokens this encoder was built for"):
+        models.make_inputs("encoder", model, batch=1, seq=9)
+    resnet, (img,) = models.build("resnet", depth=1, width=8, batch=2, image=32, seed=1)
+    assert torch.equal(models.make_inputs("resnet", resnet, batch=2, image=32, seed=1)[0], img)
+    mlp, _ = models.build("mlp", width=16, batch=2)
+    assert models.make_inputs("mlp", mlp, batch=3)[0].shape == (3, 16)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batches", "1,2", "--batch", "4"], "--batches and --batch exclude each other"),
+        (["--seqs", "8,16", "--seq", "8"], "--seqs and --seq exclude each other"),
+        (["--batches", "1,2", "--seqs", "8,16"], "--batches and --seqs exclude each other"),
+        (["--batches", "1,x"], "--batches must be comma-separated positive ints, got '1,x'"),
+        (["--batches", "0,2"], "--batches must be comma-separated positive ints, got [0, 2]"),
+        (["--batches", "1,2,1"], "--batches lists a size twice: [1, 2, 1]"),
+        (["--seqs", "8,16", "--models", "encoder,vit"], "--seqs applies to models with a sequence length"),
+    ],
+)
+def test_bad_size_sweeps_exit_2_with_a_clear_message(argv, message, capsys):
+    assert cli.main(["--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_size_sweep_reaches_every_case_and_seqs_build_the_model_for_the_longest():
+    args = argparse.ArgumentParser()
+    cli.add_arguments(args)
+    cfg = cli.config_from_args(args.parse_args(["--device", "cpu", "--seqs", "16,40,24", "--depths", "2"]))
+    (case,) = [c for c in runner.cases(cfg) if c.backend == "eager"]
+    assert case.spec["sweep"] == {"dim": "seq", "sizes": [16, 40, 24]} and case.spec["dynamic"] is False
+    assert case.spec["model_kwargs"]["seq"] == 40
+    cfg = cli.config_from_args(args.parse_args(["--device", "cpu", "--batches", "4,1", "--dynamic"]))
+    assert all(c.spec["sweep"] == {"dim": "batch", "sizes": [4, 1]} and c.spec["dynamic"] for c in runner.cases(cfg))
+
+
+def test_dynamic_flag_passes_dynamic_true_to_every_torch_compile(monkeypatch):
+    from trt_subgraph.bench import backends
+
+    seen = []
+    monkeypatch.setattr(backends.torch, "compile", lambda model, **kw: seen.append(kw.get("dynamic")) or model)
+    model, _ = models.build("encoder", **SMALL)
+    for name in ("inductor", "reduce-overhead", "trt_subgraph", "compile:eager"):
+        for dynamic in (True, False):
+            backends.prepare(name, model, dtype=torch.float32, trt_options={}, tt_options={}, dynamic=dynamic)
+    assert seen == [True, None] * 4
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    backends.prepare("regional", model, dtype=torch.float32, trt_options={}, tt_options={}, dynamic=True)
+    assert calls == [{"backend": "inductor", "dynamic": True}] * 2
+
+
+def _sweep_spec(**kw):
+    spec = {
+        "model": "encoder",
+        "model_kwargs": {"depth": 2, "width": 16, "batch": 2, "seq": 8},
+        "backend": "eager",
+        "device": "cpu",
+        "dtype": "float32",
+        "warmup": 1,
+        "repeats": 3,
+        "seed": 0,
+        "sweep": {"dim": "batch", "sizes": [1, 3, 2]},
+    }
+    return {**spec, **kw}
+
+
+def test_size_sweep_case_calls_each_size_in_order_against_its_own_reference(monkeypatch):
+    from trt_subgraph.bench import _case
+
+    shapes = []
+    real = models.Encoder.forward
+    monkeypatch.setattr(models.Encoder, "forward", lambda self, ids: shapes.append(tuple(ids.shape)) or real(self, ids))
+    res = _case.run_case(_sweep_spec())
+    assert res["status"] == "ok", res.get("error")
+    # references (fp32 eager), then first and second call per size, then warmup + 3 timed + 1
+    # accuracy call per size once all were seen.
+    order = [(1, 8), (3, 8), (2, 8)]
+    assert shapes == order + [s for s in order for _ in range(2)] + [s for s in order for _ in range(5)]
+    entries = res["per_size"]
+    assert [(e["size"], e["call_order"]) for e in entries] == [(1, 0), (3, 1), (2, 2)]
+    for e in entries:
+        assert e["rel_err"] == 0.0 and e["first_call_s"] > 0 and e["second_call_s"] > 0
+        assert e["latency_ms_p10"] <= e["latency_ms_median"] <= e["latency_ms_p90"]
+    assert res["first_call_s"] == pytest.approx(sum(e["first_call_s"] for e in entries))
+    assert "latency_ms_median" not in res  # per size only
+
+    # A reference from other inputs than the call's would show: a compiled callable that answers
+    # every size with batch 1's output fails the shape check of that size's reference.
+    from trt_subgraph.bench import backends
+
+    def stale(backend, model, **kw):
+        first = {}
+        return (lambda ids: first.setdefault("out", model(ids))), {}
+
+    monkeypatch.setattr(backends, "prepare", stale)
+    res = _case.run_case(_sweep_spec())
+    assert res["status"] == "error" and res["error"].startswith("first call (batch 3): ValueError")
+    assert [e["size"] for e in res["per_size"]] == [1]  # what was done before the failure
+
+
+def test_seq_sweep_of_a_factory_model_rebuilds_only_its_inputs(helper_module, tmp_path, monkeypatch):
+    from trt_subgraph.bench import _case
+
+    (tmp_path / "seq_helpers.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def make(depth=1, width=4, batch=2, seq=3):
+                return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)]), torch.randn(batch, seq, width)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = _case.run_case(
+        _sweep_spec(model="seq_helpers:make", model_kwargs={"depth": 2}, sweep={"dim": "seq", "sizes": [5, 2]})
+    )
+    assert res["status"] == "ok", res.get("error")
+    assert [e["size"] for e in res["per_size"]] == [5, 2] and all(e["rel_err"] == 0.0 for e in res["per_size"])
+
+
+def test_size_sweep_rows_per_size_median_run_by_summed_first_calls_and_tables(monkeypatch, tmp_path):
+    sums = iter([6.0, 3.0, 9.0, 5.0, 7.0, 1.0])  # 3 rounds of inductor, trt_subgraph
+
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None, env=None):
+        total = next(sums)
+        per_size = [
+            {
+                "size": b,
+                "call_order": i,
+                "first_call_s": total - 1.0 if i == 0 else 0.5,
+                "second_call_s": 0.01,
+                "latency_ms_median": total + b,
+                "latency_ms_p10": 1.0,
+                "latency_ms_p90": 100.0,
+                "rel_err": 1e-3,
+            }
+            for i, b in enumerate(case.spec["sweep"]["sizes"])
+        ]
+        row = {
+            "model": case.model,
+            "depth": case.depth,
+            "backend": case.backend,
+            "variant": case.variant,
+            "dim": "batch",
+            "sizes": {"depth": case.depth, "batch": 2, "seq": 16},
+            "status": "ok",
+            "wall_s": 0.0,
+            "first_call_s": total,
+            "per_size": per_size,
+        }
+        if case.backend == "trt_subgraph":
+            for e in per_size:
+                e.update(trt_compiles=int(e["size"] == 1), trt_totals={"builds": 3 * (e["size"] == 1), "fallbacks": 0})
+            row.update(trt_sweep_compiles=1, trt_sweep_totals={"builds": 3, "fallbacks": 0, "fallback_nodes": 0})
+        return row
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    cfg = runner.Config(
+        models=["encoder"],
+        backends=["inductor", "trt_subgraph"],
+        device="cpu",
+        dtype="float32",
+        depths=[2],
+        batches=[1, 2],
+        runs=3,
+        out=tmp_path,
+    )
+    data = runner.run_sweep(cfg, stream=open(os.devnull, "w"))
+    rows = data["results"]
+    assert [(r["backend"], r["size"], r["sizes"]["batch"]) for r in rows] == [
+        ("inductor", 1, 1),
+        ("inductor", 2, 2),
+        ("trt_subgraph", 1, 1),
+        ("trt_subgraph", 2, 2),
+    ]
+    ind, trt = rows[0], rows[2]
+    assert ind["first_call_s_sum"] == 7.0 and ind["first_call_s_sum_runs"] == [6.0, 9.0, 7.0]
+    assert ind["first_call_s"] == 6.0 and ind["latency_ms_median"] == 8.0  # the median run's own
+    assert trt["first_call_s_sum"] == 3.0 and "per_size" not in trt
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == rows
+
+    md = (tmp_path / "results.md").read_text()
+    lines = md.splitlines()
+    header = "| depth | batch | backend | first call s | 2nd call s | median ms | p10-p90 ms | rel err |"
+    assert any(line.startswith(header + " builds/fallbacks | fallback nodes |") for line in lines)
+    body = [line for line in lines if line.startswith("| 2 |")]
+    assert [line.split(" | ")[1:3] for line in body] == [  # grouped by size, in call order
+        ["1", "inductor"],
+        ["1", "trt_subgraph"],
+        ["2", "inductor"],
+        ["2", "trt_subgraph"],
+    ]
+    assert "| 2 | 1 | trt_subgraph | 2 | 0.01 | 4 | 1-100 | 1.0e-03 | 3/0 | 0 | ok |" in md
+    assert "| 2 | 2 | trt_subgraph | 0.5 | 0.01 | 5 | 1-100 | 1.0e-03 | 0/0 | 0 | ok |" in md
+    assert (
+        "Sum of first calls over the 2 batch sizes at depth 2: inductor 7 s (6-9 over 3 runs), "
+        "trt_subgraph 3 s (1-5 over 3 runs; 1 compilations, 3 builds, 0 fallbacks, 0 fallback nodes)."
+    ) in md
+    assert "Sizes: width" not in md and "Sizes: seq 16." in md
+    assert "batch sizes 1, 2, in this order" in md
+    assert not (tmp_path / "first_call.png").exists()
+    assert "Sum of first calls" in output.terminal_table(data)
+
+    with pytest.raises(ValueError, match="batches differs"):  # another call order: other first calls
+        runner.run_sweep(dataclasses.replace(cfg, batches=[2, 1], append=True))
+
+
+def test_failed_size_sweep_case_keeps_the_sizes_it_did():
+    row = {"model": "encoder", "depth": 2, "backend": "eager", "dim": "batch", "sizes": {"batch": 2}}
+    assert runner.expand({**row, "status": "timeout", "error": "timed out"}) == [
+        {**row, "status": "timeout", "error": "timed out", "size": None}
+    ]
+    failed = runner.expand({**row, "status": "error", "error": "boom", "per_size": [{"size": 4, "call_order": 0}]})
+    assert [(r["size"], r["status"], r["sizes"]) for r in failed] == [(4, "error", {"batch": 4})]
+    plain = {"model": "encoder", "status": "ok"}
+    assert runner.expand(plain) == [plain]
+
+
+def test_tiny_batch_sweep_end_to_end_with_eager(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--models", "encoder", "--backends", "eager", "--depths", "1", "--width", "16", "--seq", "8"]
+    argv += ["--batches", "2,1", "--device", "cpu", "--repeats", "2", "--warmup", "0", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = _rows(out)
+    assert [(r["size"], r["sizes"]["batch"], r["status"]) for r in rows] == [(2, 2, "ok"), (1, 1, "ok")]
+    assert all(r["rel_err"] == 0.0 and r["latency_ms_median"] > 0 for r in rows)
+    assert "| 1 | 1 | eager |" in (out / "results.md").read_text()

@@ -235,18 +235,37 @@ def _foreign_key_file(path, cache, k, **_):
     assert foreign.get(k) == b"signed by someone else"
 
 
+def _deeply_nested_header(path, **_):
+    """200,000 nested JSON arrays in a well-formed prefix (under 1 MiB): json.loads recurses."""
+    body = b"[" * 200_000 + b"]" * 200_000
+    path.write_bytes(cachemod.MAGIC + struct.pack(">II", cachemod.FORMAT_VERSION, len(body)) + body)
+
+
+def _nan_created(path, **_):
+    _, header, payload = _split(path)
+    body = json.dumps({**header, "created": float("nan")}, sort_keys=True, separators=(",", ":")).encode()
+    assert b"NaN" in body
+    path.write_bytes(cachemod.MAGIC + struct.pack(">II", cachemod.FORMAT_VERSION, len(body)) + body + payload)
+
+
 FAULTS = {
     "truncated": (_truncate, "truncated"),
     "flipped_payload_byte": (_flip_payload, "checksum"),
     "flipped_header_byte_valid_json": (_flip_header_valid_json, "authentication"),
     "flipped_header_byte_invalid_json": (_flip_header_invalid_json, "unreadable header"),
     "forged_payload_with_matching_checksum": (_consistent_forgery, "authentication"),
-    "other_format_version": (_other_format_version, f"format version {cachemod.FORMAT_VERSION + 1}"),
-    "garbage": (_garbage, "bad magic"),
-    "empty": (_empty, "bad magic"),
     "missing_payload": (_header_only, "payload is 0 bytes"),
     "entry_of_other_key": (_entry_of_other_key, "belongs to key"),
     "foreign_key_file": (_foreign_key_file, "another key file"),
+    "deeply_nested_header": (_deeply_nested_header, "nested too deeply"),
+    "nan_in_header": (_nan_created, "not a finite number"),
+}
+
+# Files under an entry's name that this release does not judge: a miss, never removed.
+NOT_JUDGED = {
+    "other_format_version": (_other_format_version, f"format version {cachemod.FORMAT_VERSION + 1}", False),
+    "garbage": (_garbage, "bad magic", True),
+    "empty": (_empty, "bad magic", True),
 }
 
 
@@ -267,11 +286,31 @@ def test_damaged_entry_detected_warned_once_removed(cache, caplog, monkeypatch, 
     assert cache.put(k, data, META) and cache.get(k) == data  # rebuilt
 
 
+@pytest.mark.parametrize("fault", NOT_JUDGED)
+def test_files_not_judged_are_a_miss_and_left_alone(cache, caplog, monkeypatch, fault):
+    """Another release's entries and files that are not entries are never removed; verify counts them."""
+    damage, reason, warned = NOT_JUDGED[fault]
+    k = key(0)
+    assert cache.put(k, payload_for(0), META)
+    path = cache.directory / f"{k}.entry"
+    damage(path=path, cache=cache, k=k, monkeypatch=monkeypatch)
+    before = path.read_bytes()
+    caplog.clear()
+    assert cache.get(k) is None and cache.get(k) is None
+    assert len(cache_warnings(caplog)) == int(warned)
+    assert any(reason in r.getMessage() for r in caplog.records)
+    result = cache.verify()
+    assert result["removed"] == [] and [x for x, _ in result["skipped"]] == [k]
+    assert path.read_bytes() == before
+    assert cache.put(k, b"this release's", META) and cache.get(k) == b"this release's"  # the key's owner may replace it
+
+
 def test_bad_key_file_disables_cache_without_wiping_it(cache, env, caplog, monkeypatch):
     k = key(0)
     cache.put(k, b"payload", META)
     bad = env.parent / "bad.key"
     bad.write_bytes(b"short")
+    bad.chmod(0o600)
     caplog.clear()
     c = DiskCache(env, key_file=bad)
     assert c.get(k) is None and c.get(k) is None and not c.put(key(1), b"x", META)
@@ -328,12 +367,16 @@ def read_only(monkeypatch):
         (directory / ".probe").unlink()
         root = os.path.abspath(directory)
 
-        def inside(p) -> bool:
-            return isinstance(p, (str, os.PathLike)) and (os.path.abspath(p) + os.sep).startswith(root + os.sep)
+        def inside(p, dir_fd=None) -> bool:
+            if not isinstance(p, (str, os.PathLike)):
+                return False
+            if dir_fd is not None:  # a path relative to an open directory (the cache opens locks/ so)
+                p = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), p)
+            return (os.path.abspath(p) + os.sep).startswith(root + os.sep)
 
         def guard(fn, writes=lambda *a, **k: True):
             def wrapper(p, *a, **k):
-                if inside(p) and writes(p, *a, **k):
+                if inside(p, k.get("dir_fd")) and writes(p, *a, **k):
                     raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(p))
                 return fn(p, *a, **k)
 
@@ -401,14 +444,20 @@ def test_write_failure_keeps_old_entry(cache, caplog, monkeypatch, call, err):
     assert cache.get(k) == b"version 1"
 
 
-def test_stale_temp_files_cleaned_at_scan(env):
+def test_abandoned_temp_files_cleaned_by_writers_only(env):
+    """Temp files of dead writers go at the next put, past or future-dated; `ls`/`stats` touch nothing."""
     env.mkdir(mode=0o700)
-    old, young = env / f".{key(0)}.abc123.tmp", env / f".{key(1)}.def456.tmp"
-    old.write_bytes(b"partial")
-    young.write_bytes(b"being written")
+    old, future, young = (env / f".{key(i)}.abc12{i}.tmp" for i in range(3))
+    for p in (old, future, young):
+        p.write_bytes(b"partial")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    DiskCache(env)
-    assert not old.exists() and young.exists()
+    os.utime(future, (time.time() + 3600, time.time() + 3600))  # written on a host whose clock runs ahead
+    c = DiskCache(env)
+    c.entries(), c.stats()
+    assert _cli("cache", "ls", "--dir", str(env)) == 0 and _cli("cache", "stats", "--dir", str(env)) == 0
+    assert old.exists() and future.exists() and young.exists()
+    assert c.put(key(9), b"x", META)
+    assert not old.exists() and not future.exists() and young.exists()
 
 
 # ----------------------------------------------------------------------------- eviction
@@ -675,18 +724,20 @@ def test_verify_removes_only_damaged_and_keeps_lru_order(cache, caplog):
         _put_aged(cache, i, 100 - i)
     _flip_payload(cache.directory / f"{key(1)}.entry")
     _truncate(cache.directory / f"{key(3)}.entry")
-    (cache.directory / "notakey.entry").write_bytes(b"junk")
+    journal = cache.directory / "journal.entry"  # a user's file: not a key, not ours to judge
+    journal.write_bytes(b"dear diary")
     mtimes = {k: (cache.directory / f"{k}.entry").stat().st_mtime_ns for k in (key(0), key(2), key(4))}
     caplog.clear()
     result = cache.verify()
     assert sorted(result["ok"]) == sorted([key(0), key(2), key(4)])
     reasons = dict(result["removed"])
-    assert set(reasons) == {key(1), key(3), "notakey"}
+    assert set(reasons) == {key(1), key(3)} and result["skipped"] == []
     assert "checksum" in reasons[key(1)] and "truncated" in reasons[key(3)]
-    assert len(cache_warnings(caplog)) == 2
-    assert entry_files(cache.directory) == set(mtimes)
+    assert cache_warnings(caplog) == []  # the result reports them; a warning would say it twice
+    assert entry_files(cache.directory) == {*mtimes, "journal"}
     assert {k: (cache.directory / f"{k}.entry").stat().st_mtime_ns for k in mtimes} == mtimes
-    assert cache.clear() == 3 and entry_files(cache.directory) == set() and cache.stats()["entries"] == 0
+    assert cache.clear() == 3 and entry_files(cache.directory) == {"journal"} and cache.stats()["entries"] == 0
+    assert journal.read_bytes() == b"dear diary"
 
 
 def _cli(*argv: str) -> int:
@@ -713,16 +764,20 @@ def test_cli(cache, capsys):
     assert json.loads(capsys.readouterr().out)["entries"] == 2
     assert _cli("cache", "stats", "--dir", d) == 0
     assert "entries    2" in capsys.readouterr().out
-    _garbage(cache.directory / f"{key(1)}.entry")
+    _flip_payload(cache.directory / f"{key(1)}.entry")
+    _garbage(cache.directory / f"{key(2)}.entry")
     assert _cli("cache", "ls", "--dir", d, "--json") == 0
-    assert {e["key"]: e["engine"] for e in json.loads(capsys.readouterr().out)}[key(1)] == "?"
+    assert {e["key"]: e["engine"] for e in json.loads(capsys.readouterr().out)}[key(2)] == "?"
     assert _cli("cache", "verify", "--dir", d) == 1
     out = capsys.readouterr().out
-    assert f"removed  {key(1)}  not a trt_subgraph cache entry" in out and "1 ok, 1 damaged" in out
+    assert f"removed  {key(1)}  payload checksum mismatch" in out
+    assert f"skipped  {key(2)}  not a trt_subgraph cache entry" in out and "1 ok, 1 damaged, 1 skipped" in out
     assert _cli("cache", "verify", "--dir", d, "--json") == 0
-    assert json.loads(capsys.readouterr().out) == {"ok": [key(0)], "removed": []}
+    result = json.loads(capsys.readouterr().out)
+    assert (result["ok"], result["removed"], [k for k, _ in result["skipped"]]) == ([key(0)], [], [key(2)])
     assert _cli("cache", "clear", "--dir", d) == 0
     assert "removed 1 entries" in capsys.readouterr().out
+    assert entry_files(cache.directory) == {key(2)}  # not an entry: clear leaves it too
     missing = str(cache.directory.parent / "nope")
     assert _cli("cache", "ls", "--dir", missing, "--json") == 0
     assert json.loads(capsys.readouterr().out) == [] and not Path(missing).exists()
@@ -771,4 +826,413 @@ def test_planted_fifo_does_not_block(cache, caplog):
     caplog.clear()
     assert cache.get(k) is None
     [w] = cache_warnings(caplog)
-    assert "not a regular file" in w and not (cache.directory / f"{k}.entry").exists()
+    assert "not a regular file" in w and stat.S_ISFIFO((cache.directory / f"{k}.entry").stat().st_mode)
+    assert cache.put(k, b"x", META) and cache.get(k) == b"x"
+
+
+# ----------------------------------------------------------------------------- what the cache trusts
+
+NOBODY = 65534  # another user (the conventional "nobody")
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create files as another user (CI runs as root)")
+
+
+def as_other_user(cwd: Path, code: str) -> None:
+    """Run `code` in a child that is another user, its working directory `cwd` (entered before the
+    switch, so the directories above need not be open to that user)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.chdir(cwd)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            exec(code, {"os": os})
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _key_file_refused(env, caplog, key_file: Path, *expected: str) -> None:
+    """The cache is off (no get, no put, verify refuses) with one warning naming the file and saying why."""
+    good = DiskCache(env, key_file=env.parent / "good.key")
+    assert good.put(key(0), b"payload", META)
+    before = entry_files(env)
+    caplog.clear()
+    for _ in range(3):  # three objects, as three compiled graphs make: still one warning
+        c = DiskCache(env, key_file=key_file)
+        assert c.get(key(0)) is None and not c.put(key(1), b"x", META)
+    [w] = cache_warnings(caplog)
+    assert str(key_file) in w and "fix:" in w and all(e in w for e in expected), w
+    with pytest.raises(RuntimeError, match="refused"):
+        c.verify()
+    assert entry_files(env) == before  # nothing wiped
+
+
+def test_key_file_readable_by_others_is_refused(env, caplog):
+    key_file = env.parent / "loose.key"
+    DiskCache(env, key_file=key_file).put(key(5), b"x", META)  # creates it, 0600
+    os.chmod(key_file, 0o644)
+    _key_file_refused(env, caplog, key_file, "mode 0644", f"chmod 600 {key_file}")
+    os.chmod(key_file, 0o640)  # shared with its group: accepted
+    assert DiskCache(env, key_file=key_file).get(key(5)) == b"x"
+
+
+def test_key_file_in_a_directory_others_can_write_is_refused(env, caplog):
+    shared = env.parent / "shared"
+    shared.mkdir()
+    key_file = shared / "cache.key"
+    DiskCache(env, key_file=key_file).put(key(5), b"x", META)
+    os.chmod(shared, 0o777)
+    _key_file_refused(env, caplog, key_file, f"directory {shared} is writable by other users", "chmod go-w")
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: only a file's owner may replace it there
+    assert DiskCache(env, key_file=key_file).get(key(5)) == b"x"
+
+
+@as_root
+def test_key_file_created_by_another_user_is_refused(env, caplog):
+    key_file = env.parent / "planted.key"
+    key_file.write_bytes(os.urandom(32))  # whoever created it knows the key
+    os.chmod(key_file, 0o600)
+    os.chown(key_file, NOBODY, NOBODY)
+    _key_file_refused(env, caplog, key_file, f"belongs to uid {NOBODY}")
+
+
+def test_key_file_that_is_a_fifo_is_refused_without_blocking(env, tmp_path):
+    """A FIFO at the key path used to block the process forever (a child, so a hang fails the test)."""
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)
+    out = run_child(
+        "import logging; logging.basicConfig()\n"
+        "c = cache.DiskCache(sys.argv[1], key_file=sys.argv[2])\n"
+        "print(c.get(sys.argv[3]), c.put(sys.argv[3], b'x', {'engine': 'eager'}))\n",
+        env,
+        fifo,
+        key(0),
+    )
+    assert out.split() == ["None", "False"]
+
+
+def _shared_cache(tmp_path: Path) -> DiskCache:
+    """A cache directory every user may write (0777, as on a shared scratch disk), locks/ made."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    c = DiskCache(shared, key_file=tmp_path / "k")
+    with c.build_lock(key(1)):
+        pass
+    assert stat.S_IMODE((shared / "locks").stat().st_mode) == 0o777
+    return c
+
+
+def plant(c: DiskCache, code: str) -> None:
+    """Run `code` in the cache directory as another user where possible (root), else as ourselves:
+    the cache's defence does not depend on who planted the file."""
+    if os.geteuid() == 0:
+        as_other_user(c.directory, code)
+    else:
+        cwd = os.getcwd()
+        os.chdir(c.directory)
+        try:
+            exec(code, {"os": os})
+        finally:
+            os.chdir(cwd)
+
+
+def test_planted_lock_symlink_is_not_followed(tmp_path, caplog):
+    """With filelock 3.x, a link at locks/<key>.lock made the victim truncate and chmod 0666 its own file."""
+    c = _shared_cache(tmp_path)
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH=$HOME/bin:$PATH\n")
+    os.chmod(victim, 0o644)
+    plant(c, f"os.symlink({str(victim)!r}, 'locks/{key(0)}.lock')")
+    assert os.path.islink(c.directory / "locks" / f"{key(0)}.lock")
+    caplog.clear()
+    ran = False
+    with c.build_lock(key(0)):
+        ran = True
+    assert ran and c.put(key(0), b"built without the lock", META)
+    [w] = cache_warnings(caplog)
+    assert "symbolic link" in w and f"{key(0)}.lock" in w
+    assert victim.read_text() == "export PATH=$HOME/bin:$PATH\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
+def test_planted_locks_directory_symlink_is_refused(tmp_path, caplog):
+    c = _shared_cache(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chmod(elsewhere, 0o777)
+    plant(c, f"os.rename('locks', 'old_locks'); os.symlink({str(elsewhere)!r}, 'locks')")
+    caplog.clear()
+    with c.build_lock(key(0)):
+        pass
+    [w] = cache_warnings(caplog)
+    assert "locks is not a directory" in w
+    assert list(elsewhere.iterdir()) == []  # no lock file created through the link
+
+
+# ----------------------------------------------------------------------------- bounded parsing
+
+
+def _plant_sparse_entry(path: Path, k: str, size: int, *, checksum_ok: bool) -> None:
+    """A well-formed header for a `size`-byte payload of zeros (a sparse file: no disk used), with
+    the right checksum when `checksum_ok`; only the tag (which needs the key) is wrong."""
+    digest = xxhash.xxh3_128()
+    if checksum_ok:
+        block = bytes(1 << 20)
+        for _ in range(size >> 20):
+            digest.update(block)
+    header = {
+        "key": k,
+        "format": cachemod.FORMAT_VERSION,
+        "engine": "inductor",
+        "versions": {},
+        "info": {},
+        "created": time.time(),
+        "payload_size": size,
+        "payload_xxh3_128": digest.hexdigest(),
+        "tag": "0" * 64,
+    }
+    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    with open(path, "wb") as f:
+        f.write(cachemod.MAGIC + struct.pack(">II", cachemod.FORMAT_VERSION, len(body)) + body)
+        f.truncate(f.tell() + size)
+
+
+def test_planted_multi_gib_entry_costs_bounded_memory(env):
+    """A 2 GiB sparse entry whose checksum matches (only its tag is forged) is checked in chunks:
+    the process's peak memory stays small, the entry is removed, the other entries stay."""
+    size = 2 << 30
+    # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, from before exec)
+    peak = "print(next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')), flush=True)\n"
+    proc = child(
+        "c = cache.DiskCache(sys.argv[1], size_limit=8 << 30)\n"
+        "assert c.put(sys.argv[2], b'a real engine', {'engine': 'eager'})\n" + peak + "sys.stdin.readline()\n"
+        "print(c.get(sys.argv[3]), c.get(sys.argv[2]))\n" + peak,
+        env,
+        key(0),
+        key(1),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        before = proc.stdout.readline().strip()
+        _plant_sparse_entry(env / f"{key(1)}.entry", key(1), size, checksum_ok=True)
+        out, _ = proc.communicate("go\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    result, after = out.strip().splitlines()
+    assert result == "None b'a real engine'"
+    assert int(after) < 256 * 1024, (before, after)  # KiB: far below the 2 GiB payload
+    assert entry_files(env) == {key(0)}
+
+
+def test_entry_larger_than_the_limit_is_not_read_and_goes_at_the_next_put(env, caplog):
+    c = DiskCache(env, size_limit=1 << 30)
+    assert c.put(key(0), b"a real engine", META)
+    _plant_sparse_entry(env / f"{key(1)}.entry", key(1), 6 << 30, checksum_ok=False)
+    caplog.clear()
+    assert c.get(key(1)) is None and cache_warnings(caplog) == []  # not read: a miss, logged at INFO
+    assert any("larger than this cache's size limit" in r.getMessage() for r in caplog.records)
+    assert c.put(key(2), b"another engine", META)  # the total is over the limit: it is evicted
+    assert entry_files(env) == {key(0), key(2)}
+
+
+def test_deeply_nested_header_is_harmless_to_ls_and_verify(cache, capsys):
+    d = str(cache.directory)
+    cache.put(key(0), b"good", META)
+    cache.put(key(1), b"to be damaged", META)
+    _deeply_nested_header(cache.directory / f"{key(1)}.entry")
+    assert _cli("cache", "ls", "--dir", d) == 0
+    assert key(1) in capsys.readouterr().out
+    assert _cli("cache", "verify", "--dir", d) == 1  # damaged (1), not "key file unusable" (2)
+    assert "nested too deeply" in capsys.readouterr().out
+    assert entry_files(cache.directory) == {key(0)}
+
+
+def test_ls_json_is_strict_json(cache, capsys):
+    cache.put(key(0), b"good", META)
+    cache.put(key(1), b"to be damaged", META)
+    _nan_created(cache.directory / f"{key(1)}.entry")
+    assert _cli("cache", "ls", "--dir", str(cache.directory), "--json") == 0
+
+    def refuse(name):
+        raise AssertionError(f"{name} in JSON output")
+
+    listed = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert {e["key"]: e["created"] for e in listed}[key(1)] is None
+
+
+# ----------------------------------------------------------------------------- only its own files
+
+
+def test_empty_directory_is_refused_everywhere(tmp_path, monkeypatch, capsys):
+    """An unset shell variable (--dir "$CACHE") or cache_dir="" must not make the cache the working directory."""
+    from trt_subgraph.options import Options
+
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / f"{key(0)}.entry"
+    mine.write_bytes(b"a file of the user's that happens to have an entry's name")
+    (tmp_path / f".{key(1)}.x.tmp").write_bytes(b"and an old temp-like file")
+    os.utime(tmp_path / f".{key(1)}.x.tmp", (0, 0))
+    for command in ("ls", "stats", "verify", "clear"):
+        assert _cli("cache", command, "--dir", "") == 2
+        assert "--dir is empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="empty path"):
+        DiskCache("")
+    with pytest.raises(ValueError, match="option 'cache_dir' is an empty path"):
+        Options.from_user({"cache_dir": ""})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, f".{key(1)}.x.tmp"])
+
+
+def test_unlistable_directory_is_an_error_not_a_traceback(cache, capsys, monkeypatch):
+    d = str(cache.directory)
+    cache.put(key(0), b"x", META)
+    scandir = os.scandir
+
+    def denied(path="."):
+        if os.fspath(path) == d:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), d)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    for command in ("ls", "stats", "clear", "verify"):
+        assert _cli("cache", command, "--dir", d) == 2
+        err = capsys.readouterr().err
+        assert f"cannot use the cache directory {d}: Permission denied" in err
+
+
+def test_stats_json_has_the_same_keys_for_a_missing_directory(cache, capsys):
+    assert _cli("cache", "stats", "--dir", str(cache.directory), "--json") == 0
+    present = json.loads(capsys.readouterr().out)
+    assert _cli("cache", "stats", "--dir", str(cache.directory.parent / "missing"), "--json") == 0
+    missing = json.loads(capsys.readouterr().out)
+    assert set(missing) == set(present) and missing["entries"] == 0
+
+
+# ----------------------------------------------------------------------------- no silent hangs
+
+
+HOLDER = (
+    "c = cache.DiskCache(sys.argv[1])\n"
+    "with c.build_lock(sys.argv[2]):\n"
+    "    print('locked', flush=True); time.sleep(float(sys.argv[3]))\n"
+)
+
+
+def _wait_in_thread(c: DiskCache, k: str) -> tuple[float, bool]:
+    """(seconds waited, whether the wait ended) for build_lock(k) in a thread; fails instead of hanging."""
+    import threading
+
+    done = []
+
+    def wait():
+        t0 = time.monotonic()
+        with c.build_lock(k):
+            done.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    return (done[0], True) if done else (60.0, False)
+
+
+def test_stopped_lock_holder_is_named_then_not_waited_for(env, caplog, monkeypatch):
+    """Ctrl-Z or a debugger on the process that builds: the others say whom they wait for, then build."""
+    monkeypatch.setattr(cachemod.disk, "WAIT_NOTICE_S", 0.5)
+    k = key(0)
+    holder = child(HOLDER, env, k, 600, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGSTOP)
+        caplog.clear()
+        waited, ended = _wait_in_thread(DiskCache(env, stall_timeout=3), k)
+        assert ended, "still waiting for a stopped holder"
+        assert 3 <= waited < 30
+        notice, gave_up = cache_warnings(caplog)
+        assert "waiting for the build lock" in notice and k in notice and f"pid {holder.pid}" in notice
+        assert "no sign of life" in gave_up and f"pid {holder.pid}" in gave_up
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_live_lock_holder_is_waited_for_past_the_stall_timeout(env, caplog):
+    """Its heartbeat shows it is alive: a holder that builds for longer than the stall timeout keeps the lock."""
+    k = key(0)
+    holder = child(HOLDER, env, k, 6, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        caplog.clear()
+        waited, ended = _wait_in_thread(DiskCache(env, stall_timeout=4), k)  # 4 beats: room for a loaded machine
+        assert ended and waited > 4.5
+        assert not any("no sign of life" in w for w in cache_warnings(caplog))
+    finally:
+        assert holder.wait(timeout=30) == 0
+
+
+# ----------------------------------------------------------------------------- clocks
+
+
+def test_future_dated_entry_is_evicted_in_its_turn(env):
+    """An mtime in the future (a host whose clock runs ahead, or a planted file) counts as now."""
+    c, _ = _sized_cache(env, 2.5)
+    _put_aged(c, 0, -365 * 86400)  # a year ahead
+    for i in (1, 2, 3):
+        time.sleep(0.05)  # file times have a coarse clock
+        assert c.put(key(i), payload_for(i), META)
+        assert key(0) not in entry_files(env) or (env / f"{key(0)}.entry").stat().st_mtime <= time.time() + 1
+    assert entry_files(env) == {key(2), key(3)}
+
+
+def test_live_writers_temp_file_survives_skewed_clocks(cache, monkeypatch):
+    """A writer's temp file is locked until renamed: another process cleaning up does not remove it,
+    whatever its mtime says (the clock of the host that wrote it may be far off)."""
+    other = DiskCache(cache.directory)
+    fsync = os.fsync
+    seen = []
+
+    def during_write(fd):
+        fsync(fd)
+        if seen:
+            return  # the other process's own put
+        [tmp] = [p for p in cache.directory.iterdir() if p.name.endswith(".tmp")]
+        seen.append(tmp)
+        for skew in (-3600, 3600):
+            os.utime(tmp, (time.time() + skew, time.time() + skew))
+            assert other.put(key(skew), b"another process's put", META)
+            assert tmp.exists()
+
+    assert cache.put(key(9), b"creates the key file first", META)
+    monkeypatch.setattr(os, "fsync", during_write)
+    assert cache.put(key(0), b"mine", META)
+    assert seen and cache.get(key(0)) == b"mine"
+
+
+def _planted_header(path: Path, **fields) -> None:
+    """Rewrite an entry's header with `fields` changed (its tag no longer matches: it is damaged)."""
+    _, header, payload = _split(path)
+    body = json.dumps({**header, **fields}, sort_keys=True, separators=(",", ":")).encode()
+    path.write_bytes(cachemod.MAGIC + struct.pack(">II", cachemod.FORMAT_VERSION, len(body)) + body + payload)
+
+
+def test_ls_of_planted_headers_shows_no_control_characters_and_never_fails(cache, capsys):
+    """Deep nesting that json.loads accepts (but indenting it would not), terminal escapes, far-off times."""
+    deep: list = []
+    for _ in range(500):
+        deep = [deep]
+    for i, fields in enumerate(
+        [{"info": {"deep": deep}}, {"engine": "\x1b]0;owned\x07\x1b[2J"}, {"created": 1e300}, {"created": -1e300}]
+    ):
+        cache.put(key(i), b"x", META)
+        _planted_header(cache.directory / f"{key(i)}.entry", **fields)
+    d = str(cache.directory)
+    assert _cli("cache", "ls", "--dir", d) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+    assert _cli("cache", "ls", "--dir", d, "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+    assert all(cache.get(key(i)) is None for i in range(4)) and entry_files(cache.directory) == set()

@@ -16,7 +16,7 @@ from trt_subgraph.cache import DiskCache, default_cache_dir, make_key
 from trt_subgraph.cli import build_parser, main
 from trt_subgraph.options import Options
 
-SUBCOMMANDS = ("cache", "sparsity", "export", "bench")
+SUBCOMMANDS = ("cache", "sparsity", "export", "compare", "bench")
 
 # Runs main(argv) in a fresh interpreter and reports whether torch got imported.
 NO_TORCH = """

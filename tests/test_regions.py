@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 import trt_subgraph
-from trt_subgraph import backend, engines, regions
+from trt_subgraph import _compat, backend, engines, regions
 from trt_subgraph.bench import models
 from trt_subgraph.engines.eager import EagerEngine
 from trt_subgraph.engines.inductor import InductorEngine
@@ -48,7 +50,12 @@ def test_encoder_traces_one_block_not_twelve(monkeypatch):
     _, actual, expected = compile_and_run(model, inputs)
     torch.testing.assert_close(actual, expected, **TIGHT)
     report = trt_subgraph.last_report()
-    assert report.regions == {"regions": 14, "lowered": 3}  # embeddings, 12 blocks, head
+    assert report.regions == {  # embeddings, 12 blocks, head
+        "path": "regions",
+        "reason": "repeated blocks found by nn_module_stack",
+        "regions": 14,
+        "lowered": 3,
+    }
     assert len(sizes) == 3
     assert report.totals["builds"] == 3 and report.totals["reuses"] == 11
 
@@ -118,7 +125,9 @@ def test_global_state_changes_take_the_whole_graph_path():
     x = torch.randn(2, 8)
     _, actual, expected = compile_and_run(model, (x,))
     torch.testing.assert_close(actual, expected, **TIGHT)
-    assert trt_subgraph.last_report().regions == {}
+    regions = trt_subgraph.last_report().regions
+    assert regions["path"] == "whole graph"
+    assert "global-state or side-effect node" in regions["reason"] and "_set_grad_enabled" in regions["reason"]
 
 
 def _region_inputs(*inputs):
@@ -171,14 +180,15 @@ def two_four_engine(monkeypatch):
 @pytest.mark.parametrize("path", ["regions", "whole graph"])
 def test_blocks_pruned_differently_never_share_code(two_four_engine, monkeypatch, path):
     if path == "whole graph":
-        monkeypatch.setattr(backend, "compile_regions", lambda *args, **kwargs: None)
+        monkeypatch.setattr(backend, "compile_regions", lambda *args, **kwargs: (None, "forced by the test"))
     model, inputs = models.build("encoder", depth=4, width=32, batch=2, seq=8)
     prune_2_4(model.layers[1])
     _, actual, expected = compile_and_run(model, inputs)
     torch.testing.assert_close(actual, expected, **TIGHT)
     report = trt_subgraph.last_report()
+    assert report.regions["path"] == path
     if path == "regions":
-        assert report.regions == {"regions": 6, "lowered": 4}
+        assert (report.regions["regions"], report.regions["lowered"]) == (6, 4)
     blocks = [s for s in report.subgraphs if s.instances in (1, 3) and s.nodes > 10]
     assert sorted(s.instances for s in blocks) == [1, 3]  # the pruned block alone, the others shared
     assert blocks[0].fingerprint == blocks[1].fingerprint and blocks[0].variant != blocks[1].variant
@@ -196,6 +206,7 @@ def test_other_models_lower_one_block(name, kwargs):
     _, actual, expected = compile_and_run(model, inputs)
     torch.testing.assert_close(actual, expected, **TIGHT)
     report = trt_subgraph.last_report()
+    assert report.regions["path"] == "regions"
     assert report.regions["regions"] == 5 and report.regions["lowered"] == 3
 
 
@@ -210,7 +221,8 @@ def test_a_failure_while_splitting_falls_back_to_the_whole_graph(monkeypatch, ca
     torch.testing.assert_close(actual, expected, **TIGHT)
     assert "split exploded" in caplog.text and "lowering the whole graph" in caplog.text
     report = trt_subgraph.last_report()
-    assert report.regions == {} and report.totals["reuses"] == 2
+    assert report.regions["path"] == "whole graph" and "split exploded" in report.regions["reason"]
+    assert report.totals["reuses"] == 2
 
 
 def _scale_closure(scale):
@@ -288,3 +300,171 @@ def test_fingerprint_names_only_callables_whose_name_is_the_callable():
         assert callable_name(named) is not None, named
     for opaque in (_scale_closure(1.0), _Scaler(1.0), _Scaler(1.0).apply, functools.partial(_scaled, scale=1.0)):
         assert callable_name(opaque) is None, opaque
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models: global-state calls, vmap, nested_compile_region
+
+
+def _hf_llama(layers=4):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaModel(config).eval()  # random weights, nothing downloaded
+
+
+def test_hugging_face_llama_takes_the_region_path(monkeypatch):
+    sizes = count_aot_traces(monkeypatch)
+    model = _hf_llama()
+    fn = torch.compile(model, backend="trt_subgraph", options={"engine": "eager", "cache_dir": None})
+    with torch.no_grad():
+        for _ in range(2):  # the second input is fresh: the compiled code is not tied to the first
+            ids = torch.randint(0, 128, (2, 8))
+            torch.testing.assert_close(fn(ids).last_hidden_state, model(ids).last_hidden_state, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert report.regions["path"] == "regions", report.regions
+    assert report.blocks == 4 and len(sizes) == report.regions["lowered"] < report.regions["regions"]
+    assert max(s.instances for s in report.subgraphs) == 4  # one lowering serves the four layers
+
+
+def test_the_llama_like_benchmark_model_takes_the_region_path():
+    model, inputs = models.build("decoder", depth=4, width=32, batch=2, seq=8)
+    _, actual, expected = compile_and_run(model, inputs)
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert report.regions["path"] == "regions" and report.blocks == 4
+    assert report.regions["lowered"] < report.regions["regions"]
+
+
+class _StateBlock(nn.Module):
+    """A block that runs its linear under `context()`."""
+
+    def __init__(self, width, context):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.context = context
+
+    def forward(self, x):
+        with self.context():
+            y = self.fc(x)
+        return x + torch.tanh(y.float())
+
+
+class _Stack(nn.Module):
+    """Blocks between an input and an output projection; `around`: a context for all blocks;
+    `sliced`: iterate over a slice of the ModuleList (a new ModuleList each forward)."""
+
+    def __init__(self, block_context, depth=3, width=16, around=None, sliced=False, vmap_mask=False):
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.layers = nn.ModuleList(_StateBlock(width, block_context) for _ in range(depth))
+        self.out = nn.Linear(width, width)
+        self.around, self.sliced, self.vmap_mask = around, sliced, vmap_mask
+
+    def forward(self, x):
+        x = self.inp(x)
+        if self.vmap_mask:  # a causal mask built by vmap, as transformers 4.x builds its masks
+            idx = torch.arange(x.shape[-1], device=x.device)
+            mask = torch.vmap(lambda i: (idx <= i).to(x.dtype))(idx)
+            x = x @ mask
+        layers = self.layers[: len(self.layers)] if self.sliced else self.layers
+        with self.around() if self.around else contextlib.nullcontext():
+            for layer in layers:
+                x = layer(x)
+        return self.out(x)
+
+
+def _autocast_off():
+    return torch.autocast("cpu", enabled=False)
+
+
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["autocast off in each block", "bf16 autocast in each block", "sliced module list", "vmap in the glue"],
+)
+def test_global_state_that_stays_inside_a_block_takes_the_region_path(case):
+    torch.manual_seed(0)
+    context = _bf16 if case.startswith("bf16") else _autocast_off
+    model = _Stack(context, sliced=case == "sliced module list", vmap_mask=case == "vmap in the glue").eval()
+    x = torch.randn(4, 16)
+    _, actual, expected = compile_and_run(model, (x,))
+    # bf16 autocast: both sides round the linear's inputs to bf16; the compiled graph casts in
+    # other places than eager's autocast does (8 bits of mantissa: 1e-2)
+    tolerance = dict(rtol=1e-2, atol=1e-2) if case.startswith("bf16") else TIGHT
+    torch.testing.assert_close(actual, expected, **tolerance)
+    report = trt_subgraph.last_report()
+    assert report.regions["path"] == "regions", report.regions
+    assert report.regions["lowered"] < report.regions["regions"]
+
+
+def test_autocast_around_every_block_takes_the_whole_graph_path_and_says_why():
+    torch.manual_seed(0)
+    model = _Stack(_autocast_off, around=_bf16).eval()
+    x = torch.randn(4, 16)
+    _, actual, expected = compile_and_run(model, (x,))
+    torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)  # bf16, as above
+    regions = trt_subgraph.last_report().regions
+    assert regions["path"] == "whole graph" and "spans blocks" in regions["reason"], regions
+
+
+def test_autocast_blocks_that_change_nothing_are_removed_from_the_graph():
+    def traced(enabled):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        enter, leave = _compat.autocast_calls()
+        ctx = graph.call_function(enter, ("cpu", None, enabled, None))
+        y = graph.call_function(torch.relu, (x,))
+        graph.call_function(leave, (ctx,))
+        graph.output(y)
+        return torch.fx.GraphModule(nn.Module(), graph)
+
+    assert regions.remove_no_op_state(traced(False)) == 2  # autocast is off on the CPU already
+    kept = traced(True)
+    assert regions.remove_no_op_state(kept) == 0
+    assert sum(n.op == "call_function" for n in kept.graph.nodes) == 3
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested_compile_region")
+def test_nested_compile_region_blocks_are_the_regions(monkeypatch):
+    class Marked(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+        @torch.compiler.nested_compile_region
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class Model(nn.Module):
+        def __init__(self, width=16, depth=4):
+            super().__init__()
+            self.inp, self.out = nn.Linear(width, width), nn.Linear(width, 3)
+            self.layers = nn.ModuleList(Marked(width) for _ in range(depth))
+
+        def forward(self, x):
+            x = self.inp(x)
+            for layer in self.layers:
+                x = layer(x)
+            return self.out(x).softmax(-1)
+
+    sizes = count_aot_traces(monkeypatch)
+    torch.manual_seed(0)
+    model = Model().eval()
+    _, actual, expected = compile_and_run(model, (torch.randn(4, 16),))
+    torch.testing.assert_close(actual, expected, **TIGHT)
+    report = trt_subgraph.last_report()
+    assert report.block_method == "invoke_subgraph" and report.blocks == 4
+    assert report.regions["path"] == "regions" and report.regions["regions"] == 6
+    assert len(sizes) == report.regions["lowered"] == 3  # input projection, one block, head

@@ -21,9 +21,10 @@ from trt_subgraph.backend import _is_weight
 from trt_subgraph.runtime import CUDAGraphForward
 from trt_subgraph.sparse import cusparselt
 from trt_subgraph.sparse import runtime as sr
-from trt_subgraph.sparsity import analyze_weight, mask_2_4, prune_2_4
+from trt_subgraph.sparsity import analyze_weight, check, mask_2_4, prune_2_4
 
 FP16 = dict(rtol=2e-2, atol=2e-2)
+CL = torch.channels_last
 OP = torch.ops.trt_subgraph.sparse_linear.default
 
 
@@ -82,7 +83,7 @@ def compile_with_rewrite(model, mode, *, cudagraphs=True, engine="eager", cache_
             )
             info["gm"] = aot_gm
             if engine == "inductor":
-                artifact = _compat.standalone_compile(aot_gm, fake_inputs, dynamic=False)
+                artifact = _compat.standalone_compile(aot_gm, fake_inputs)
                 forward = lambda args: artifact(*args)  # noqa: E731
             else:
                 forward = lambda args: aot_gm(*args)  # noqa: E731
@@ -133,6 +134,7 @@ def test_on_rewrites_only_2_4_half_linears_and_matches_eager(available):
     assert set(records) == {"a", "b", "c"}
     assert records["a"] == {
         "layer": "a",
+        "kind": "linear",
         "shape": [32, 64],
         "M": 16,
         "eligible": True,
@@ -356,6 +358,145 @@ def test_rewrite_rejects_bad_arguments():
         sr.rewrite_linears(gm, [], [], "on", True)
 
 
+class Convs(nn.Module):
+    """Convolutions of every kind the rewrite tells apart: a 1x1 (`pw`), a 3x3 (`k3`), a depthwise
+    3x3 (`dw`), a 1x1 of stride 2 (`down`), all but `dw` pruned 2:4, and an unpruned 1x1 (`dense`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(32, 64, 1)
+        self.k3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.down = nn.Conv2d(64, 32, 1, stride=2, bias=False)
+        self.dense = nn.Conv2d(32, 48, 1)
+
+    def forward(self, x):
+        return self.dense(self.down(self.dw(torch.relu(self.k3(self.pw(x))))))
+
+
+def convs() -> Convs:
+    torch.manual_seed(0)
+    model = Convs().half().eval()
+    prune_2_4(model, layers=["pw", "k3", "down"])
+    return model
+
+
+STAYS_DENSE = {  # layer: the reason it begins with
+    "k3": "3x3 kernel: no sparse implicit-GEMM convolution without TensorRT",
+    "dw": "depthwise convolution (groups=64); 3x3 kernel",
+    "down": "stride (2, 2): not a plain matrix product",
+    "dense": "not 2:4 sparse (384 of 384 groups of 4 hold more than 2 non-zeros)",
+}
+
+
+def test_1x1_convs_of_channels_last_inputs_run_as_sparse_linears_without_copies(available):
+    model = convs()
+    compiled, info = compile_with_rewrite(model, "on")
+    with torch.no_grad():
+        compiled(torch.randn(2, 32, 8, 8, dtype=torch.float16).to(memory_format=CL))
+        x = torch.randn(2, 32, 8, 8, dtype=torch.float16).to(memory_format=CL)
+        actual, expected = compiled(x), model(x)
+        reference = model.float()(x.float())
+    torch.testing.assert_close(actual.float(), reference, **FP16)
+    assert actual.stride() == expected.stride()
+
+    records = by_layer(info["records"])
+    assert records["pw"] == {
+        "layer": "pw",
+        "kind": "conv",
+        "shape": [64, 32, 1, 1],
+        "M": 128,  # 2 images x 8 x 8 positions
+        "eligible": True,
+        "sparse": True,
+        "reason": None,
+        "dense_ms": None,
+        "sparse_ms": None,
+        "algorithm": None,
+    }
+    for layer, reason in STAYS_DENSE.items():
+        assert records[layer]["kind"] == "conv" and not records[layer]["eligible"], layer
+        assert records[layer]["reason"].startswith(reason), records[layer]["reason"]
+    assert "not 2:4" not in records["k3"]["reason"]  # its weight is 2:4: only the kernel is missing
+
+    gm = info["gm"]
+    (op,) = [n for n in gm.graph.nodes if n.target is OP]
+    permute = torch.ops.aten.permute.default
+    assert op.args[0].target is permute and list(op.args[0].args[1]) == [0, 2, 3, 1]
+    assert op.args[1].op == "placeholder" and op.args[1].meta["val"].dim() == 4  # the conv's own weight
+    (back,) = op.users
+    assert back.target is permute
+    assert back.meta["val"].stride() == back.meta["val"].contiguous(memory_format=CL).stride()
+    assert list(back.meta["nn_module_stack"].values())[-1][1] is nn.Conv2d
+    copies = {torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.copy.default}
+    assert not copies & set(ops(gm)) and ops(gm).count(torch.ops.aten.convolution.default) == 4
+
+
+def test_inductor_compiles_a_rewritten_conv_with_channels_last_strides(available):
+    """Inductor trusts the declared strides of the op and the permutes around it."""
+    model = convs()
+    compiled, info = compile_with_rewrite(model, "on", engine="inductor")
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float16).to(memory_format=CL)
+    with torch.no_grad():
+        actual, expected = compiled(x), model(x)
+        reference = model.float()(x.float())
+    assert OP in ops(info["gm"])
+    torch.testing.assert_close(actual.float(), reference, **FP16)
+    assert actual.stride() == expected.stride()
+
+
+def test_auto_times_a_1x1_conv_against_the_convolution_itself(available, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(sr, "measure", lambda *args: calls.append(args) or (1.0, 0.5, 3))
+    compiled, info = compile_with_rewrite(convs(), "auto", cache_dir=tmp_path)
+    with torch.no_grad():
+        compiled(torch.randn(2, 32, 8, 8, dtype=torch.float16).to(memory_format=CL))
+    # M = 2 x 8 x 8 rows, K = 32, N = 64, bias, in a CUDA graph, the output's (N, H, W)
+    assert calls == [(128, 32, 64, torch.float16, torch.device("cpu"), True, True, (2, 8, 8))]
+    record = by_layer(info["records"])["pw"]
+    assert (record["sparse"], record["dense_ms"], record["sparse_ms"], record["algorithm"]) == (True, 1.0, 0.5, 3)
+    (key,) = json.loads((tmp_path / sr.DECISIONS_FILE).read_text())
+    assert key.startswith("M128xK32xN64 float16 bias=1") and key.endswith(" conv 2x8x8")
+
+
+def test_a_1x1_conv_of_a_contiguous_input_stays_dense_and_says_why(available):
+    compiled, info = compile_with_rewrite(convs(), "on")
+    with torch.no_grad():
+        compiled(torch.randn(2, 32, 8, 8, dtype=torch.float16))
+    record = by_layer(info["records"])["pw"]
+    assert not record["eligible"] and record["reason"].startswith("input not channels-last")
+    assert OP not in ops(info["gm"])
+
+
+def test_sparsity_check_and_the_report_agree_on_which_convs_are_eligible():
+    """Through the backend on CPU: the rewrite is a no-op (no cuSPARSELt) and the report says so.
+    `check` applies TensorRT's rule; the report says which convolutions cuSPARSELt can take, so it
+    never claims one that `check` refuses, and says why a 2:4 convolution still stays dense."""
+    model = convs()
+    compiled = torch.compile(
+        model,
+        backend="trt_subgraph",
+        options={"engine": "inductor", "sparsity": "on", "memory_format": "channels_last", "cache_dir": None},
+    )
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).float(), model.float()(x.float()), **FP16)
+    model.half()
+    sparsity = trt_subgraph.last_report().sparsity
+    records = {r["layer"]: r for r in sparsity["layers"]}
+    table = {row.name: row for row in check(model)}
+    assert set(records) == set(table) and {r["kind"] for r in records.values()} == {"conv"}
+    assert [name for name, row in table.items() if row.eligible] == ["pw", "k3", "down"]
+    assert sparsity["eligible"] == ["pw"] and sparsity["sparse"] == []
+    assert records["pw"]["reason"] == "cuSPARSELt unavailable (device cpu)"
+    for name, row in table.items():
+        assert records[name]["eligible"] <= row.eligible, name
+        if row.eligible and not records[name]["eligible"]:  # the layer's structure, not its weight
+            assert records[name]["reason"].startswith(STAYS_DENSE[name])
+            assert "not 2:4" not in records[name]["reason"]
+    for name in ("dw", "dense"):
+        assert records[name]["reason"].startswith(STAYS_DENSE[name])
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU: the op and the registry
 
@@ -370,6 +511,17 @@ def test_op_cpu_reference_is_linear_with_the_declared_layout(shape, bias):
     meta = sr.sparse_linear(x.to("meta"), w.to("meta"), b.to("meta") if bias else None, 0)
     assert meta.shape == y.shape and meta.stride() == y.stride()
     assert torch.library.opcheck(sr.sparse_linear, (x, w, b, 0))["test_faketensor"] == "SUCCESS"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_takes_a_1x1_conv_weight_and_computes_the_conv_on_channels_last_rows(bias):
+    x = torch.randn(2, 64, 5, 7).to(memory_format=CL)
+    w, b = torch.randn(32, 64, 1, 1), torch.randn(32) if bias else None
+    y = sr.sparse_linear(x.permute(0, 2, 3, 1), w, b, 0).permute(0, 3, 1, 2)
+    expected = F.conv2d(x, w, b)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert y.stride() == expected.stride()
+    assert torch.library.opcheck(sr.sparse_linear, (x.permute(0, 2, 3, 1), w, b, 0))["test_faketensor"] == "SUCCESS"
 
 
 def counting_registry():
@@ -393,6 +545,18 @@ def test_registry_compresses_once_per_weight_value():
     again = registry.get(w)
     assert again is first and len(compressions) == 2  # same buffer, new contents
     torch.testing.assert_close(again, w * 2)
+
+
+def test_registry_compresses_a_conv_weight_as_its_matrix_and_follows_updates():
+    registry, compressions = counting_registry()
+    w = nn.Parameter(torch.randn(16, 32, 1, 1), requires_grad=False)
+    first = registry.get(w)
+    assert first.shape == (16, 32) and len(compressions) == 1
+    torch.testing.assert_close(first, w.reshape(16, 32) * 2)
+    with torch.no_grad():
+        w.mul_(0.5)
+    assert registry.get(w) is first and len(compressions) == 2
+    torch.testing.assert_close(first, w.reshape(16, 32) * 2)
 
 
 def test_refresh_all_updates_in_place_and_drops_freed_weights():
@@ -519,7 +683,7 @@ def test_inductor_in_a_cuda_graph_matches_and_follows_weight_updates():
     with torch.no_grad():
         compiled(x)
         torch.testing.assert_close(compiled(x), model(x), **FP16)
-        assert info["cudagraph"].graph is not None
+        assert info["cudagraph"].graphs
         assert ops(info["gm"]).count(OP) == 2
         model[0].weight.mul_(0.5)  # in place: same address, replay must see it
         torch.testing.assert_close(compiled(x), model(x), **FP16)
@@ -557,6 +721,48 @@ def test_auto_picks_sparse_for_a_large_gemm_and_dense_for_a_small_one(tmp_path, 
 
 
 @on_cuda
+def test_measure_times_a_1x1_conv_against_cudnn():
+    dense_ms, sparse_ms, algorithm = sr.measure(
+        8192, 512, 256, torch.float16, torch.device("cuda"), True, True, image=(8, 32, 32)
+    )
+    assert dense_ms > 0 and sparse_ms > 0 and algorithm in sr.ALGORITHMS
+
+
+@on_cuda
+def test_op_runs_a_1x1_conv_through_cusparselt_like_the_dense_conv():
+    w = nn.Parameter(pruned_half_weight(256, 512).reshape(256, 512, 1, 1), requires_grad=False)
+    b = torch.randn(256, device="cuda", dtype=torch.float16)
+    x = torch.randn(8, 512, 32, 32, device="cuda", dtype=torch.float16).to(memory_format=CL)
+    expected = F.conv2d(x, w, b)
+    y = sr.sparse_linear(x.permute(0, 2, 3, 1), w, b, 0).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, expected, **FP16)
+    assert y.stride() == expected.stride()
+
+
+@on_cuda
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_backend_runs_pruned_1x1_convs_through_cusparselt_and_follows_updates(tmp_path, mode):
+    """M = 8 x 32 x 32 = 8192 rows: "auto" keeps what it measured; "on" runs both sparse."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(512, 1024, 1), nn.ReLU(), nn.Conv2d(1024, 512, 1)).cuda().half().eval()
+    prune_2_4(model)
+    options = {"engine": "inductor", "sparsity": mode, "memory_format": "channels_last", "cache_dir": str(tmp_path)}
+    compiled = torch.compile(model, backend="trt_subgraph", options=options)
+    x = torch.randn(8, 512, 32, 32, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        compiled(x)
+        torch.testing.assert_close(compiled(x), model(x), **FP16)
+        layers = trt_subgraph.last_report().sparsity["layers"]
+        assert [(r["layer"], r["kind"], r["eligible"]) for r in layers] == [("0", "conv", True), ("2", "conv", True)]
+        if mode == "on":
+            assert all(r["sparse"] for r in layers), layers
+        model[0].weight.mul_(0.5)  # in place: same address, the CUDA graph re-records and recompresses
+        torch.testing.assert_close(compiled(x), model(x), **FP16)
+        model[2].weight = nn.Parameter(model[2].weight * -1, requires_grad=False)  # new address: new buffer
+        torch.testing.assert_close(compiled(x), model(x), **FP16)
+
+
+@on_cuda
 def test_backend_runs_pruned_decoder_sparse_and_follows_updates():
     """Through the real backend (needs the pipeline to call `rewrite_linears` and `refresh_all`)."""
     from trt_subgraph.bench import models
@@ -587,5 +793,8 @@ def test_inductor_weight_variant_is_2_4_ness_where_cusparselt_runs(monkeypatch):
     assert engine.weight_variant(pruned.float()) is None  # cuSPARSELt linears are fp16/bf16
     assert engine.weight_variant(torch.randn(32, dtype=torch.float16)) is None
     assert InductorEngine(sparse=False).weight_variant(pruned) is None
+    # a 1x1 convolution's weight is a linear's; larger kernels never run sparse here
+    assert [engine.weight_variant(w.reshape(32, 32, 1, 1)) for w in (pruned, dense)] == ["2:4", "dense"]
+    assert engine.weight_variant(torch.zeros(32, 32, 3, 3, dtype=torch.float16)) is None
     monkeypatch.setattr(sr, "unavailable_reason", lambda device: "no cuSPARSELt")
     assert engine.weight_variant(pruned) is None

@@ -415,6 +415,42 @@ def test_onnx_qdq_constant_and_bf16(tmp_path):
     assert [r.to_dict() for r in sp.check_onnx(path)] == [r.to_dict() for r in rows]
 
 
+class _TokenNet(nn.Module):
+    """Linears on (batch, tokens, features): torch.onnx's exporter makes them MatMuls whose weights
+    are folded transposes named val_N."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(8, 16, 1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(2))
+        self.head = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).transpose(1, 2)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def test_dynamo_exported_onnx_rows_are_named_like_the_module(tmp_path):
+    pytest.importorskip("onnxscript", reason="torch.onnx's dynamo exporter needs onnxscript")
+    import onnx
+
+    torch.manual_seed(0)
+    model = _TokenNet().eval()
+    prune_2_4(model, layers=["blocks.0.0", "head"])
+    path = tmp_path / "tokens.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 8, 5),), str(path), dynamo=True, verbose=False)
+    weights = [n.input[1] for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"]
+    assert weights and all(w.startswith("val_") for w in weights)  # what the rows are traced from
+    mod_rows, onnx_rows = check(model).rows, sp.check_onnx(path).rows
+    assert [r.name for r in onnx_rows] == [r.name for r in mod_rows]
+    assert [r.name for r in mod_rows] == ["stem", "blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "head"]
+    assert [r.pattern_ok for r in onnx_rows] == [r.pattern_ok for r in mod_rows] == [False, True] + [False] * 3 + [True]
+
+
 def test_check_onnx_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError):
         sp.check_onnx(tmp_path / "missing.onnx")

@@ -1,9 +1,12 @@
 """Contract tests: the TensorRT adapter against the published torch_tensorrt and TensorRT wheels.
 
-Tests marked ``contract`` download four wheels (about 10 MB: torch_tensorrt 2.11.0 and 2.13.0,
-tensorrt-cu13-bindings 10.15.1.29 and 11.0.0.114) into ``$TRT_SUBGRAPH_CONTRACT_DIR`` (reused when
-present) or a pytest temporary directory, and check them without importing anything from them.
-They skip only when the package index is unreachable; any other download problem fails.
+Tests marked ``contract`` download seven wheels (about 18 MB: torch_tensorrt 2.11.0, 2.13.0 and
+2.14.0, tensorrt-cu13-bindings 10.15.1.29, 11.0.0.114, 11.1.0.106 and 11.4.0.106) into
+``$TRT_SUBGRAPH_CONTRACT_DIR`` (reused when present) or a pytest temporary directory, and check
+them without importing anything from them. They skip only when the package index is
+unreachable; any other download problem fails. Besides the adapter, they check the refit script
+the ONNX export writes (``trt_subgraph/trt_refit.py``): every TensorRT name it uses is registered
+by every version's bindings, and the index's commands are its command line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 import trt_subgraph
+from trt_subgraph import trt_refit
 from trt_subgraph.engines import tensorrt as adapter
 
 _spec = importlib.util.spec_from_file_location("contract_tools", Path(__file__).with_name("contract_tools.py"))
@@ -24,8 +28,9 @@ ct = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ct)
 
 ADAPTER = Path(adapter.__file__)
-TORCH_TRT = ["torch_tensorrt-2.11", "torch_tensorrt-2.13"]
-BINDINGS = ["tensorrt-10.15", "tensorrt-11.0"]
+REFIT_SCRIPT = Path(trt_refit.__file__)
+TORCH_TRT = ["torch_tensorrt-2.11", "torch_tensorrt-2.13", "torch_tensorrt-2.14"]
+BINDINGS = ["tensorrt-10.15", "tensorrt-11.0", "tensorrt-11.1", "tensorrt-11.4"]
 
 
 # ---- the adapter against its own tables (no network) --------------------------------------
@@ -58,6 +63,29 @@ def test_usage_scan_catches_an_undeclared_keyword(tmp_path):
     assert problems == [
         "torch_tensorrt.dynamo.CompilationSettings is called with keywords ['renamed_kw'] missing from the contract"
     ]
+
+
+def _refit_script_usage() -> dict[str, list[str]]:
+    """Every TensorRT class and member the export's refit script uses, as a contract table."""
+    torch_trt, trt = ct.adapter_usage(REFIT_SCRIPT, ct.REFIT_SCRIPT_RECEIVERS)
+    assert torch_trt == {}  # the script needs TensorRT only
+    table: dict[str, list[str]] = {}
+    for name in sorted(trt):
+        table.setdefault(name[0], []).extend(name[1:])
+    return table
+
+
+def test_refit_script_usage_scan_sees_the_build_and_refit_calls():
+    """The scan behind the bindings check below finds what the script calls (not an empty table)."""
+    table = _refit_script_usage()
+    assert {"REFIT"} <= set(table["BuilderFlag"])
+    assert {"STRONGLY_TYPED"} <= set(table["NetworkDefinitionCreationFlag"])
+    assert {"create_network", "create_builder_config", "build_serialized_network"} <= set(table["Builder"])
+    assert {"parse_from_file"} <= set(table["OnnxParser"])
+    assert {"refit_from_bytes"} <= set(table["OnnxParserRefitter"])
+    assert {"refit_cuda_engine"} <= set(table["Refitter"])
+    assert {"deserialize_cuda_engine"} <= set(table["Runtime"])
+    assert {"serialize"} <= set(table["ICudaEngine"])
 
 
 # ---- against the wheels ---------------------------------------------------------------------
@@ -127,14 +155,15 @@ def test_torch_tensorrt_check_fails_on_renamed_or_swallowed_keywords(sources):
 
 @pytest.mark.contract
 def test_precision_follows_the_graph_dtypes_without_flags(sources):
-    """Why the adapter passes no precision flag: 2.11 defaults to strong typing, 2.13 always is."""
+    """Why the adapter passes no precision flag: 2.11 defaults to strong typing, 2.13 and 2.14 always are."""
     found = sources["torch_tensorrt-2.11"].resolve("torch_tensorrt.dynamo._defaults.USE_EXPLICIT_TYPING")
     assert found[0] == "value" and ast.literal_eval(found[1].value) is True
-    assert sources["torch_tensorrt-2.13"].resolve("torch_tensorrt.dynamo._defaults.USE_EXPLICIT_TYPING") is None
-    assert ct.check_torch_trt(
-        sources["torch_tensorrt-2.13"],
-        {"torch_tensorrt.dynamo.CompilationSettings": {"fields": ["use_explicit_typing"]}},
-    ) == ["torch_tensorrt.dynamo.CompilationSettings: no field 'use_explicit_typing'"]
+    for label in ("torch_tensorrt-2.13", "torch_tensorrt-2.14"):
+        assert sources[label].resolve("torch_tensorrt.dynamo._defaults.USE_EXPLICIT_TYPING") is None
+        assert ct.check_torch_trt(
+            sources[label],
+            {"torch_tensorrt.dynamo.CompilationSettings": {"fields": ["use_explicit_typing"]}},
+        ) == ["torch_tensorrt.dynamo.CompilationSettings: no field 'use_explicit_typing'"]
 
 
 @pytest.mark.contract
@@ -166,12 +195,21 @@ def test_tensorrt_bindings_register_everything_the_adapter_uses(bindings, label)
 
 
 @pytest.mark.contract
+@pytest.mark.parametrize("label", BINDINGS)
+def test_tensorrt_bindings_register_everything_the_refit_script_uses(bindings, label):
+    """The names only: pybind11 keeps no per-class table in the binary, so that a member belongs
+    to its class (and its parameters) is from TensorRT's API documentation, not checked here."""
+    assert ct.check_trt(bindings[label], _refit_script_usage()) == []
+
+
+@pytest.mark.contract
 def test_tensorrt_check_sees_removals_and_rejects_merged_suffixes(bindings):
     old, new = bindings["tensorrt-10.15"], bindings["tensorrt-11.0"]
-    # Removed in TensorRT 11 (weak typing and implicit batch are gone).
+    # Removed in TensorRT 11 (weak typing and implicit batch are gone), and not back since.
     removed = ["FP16", "EXPLICIT_BATCH", "platform_has_fast_fp16"]
     assert all(old.registered(name) for name in removed)
-    assert not any(new.registered(name) for name in removed)
+    for label in ("tensorrt-11.0", "tensorrt-11.1", "tensorrt-11.4"):
+        assert not any(bindings[label].registered(name) for name in removed), label
     assert ct.check_trt(new, {"BuilderFlag": ["REFIT", "FP16"]}) == ["FP16"]
     # "Refitter" is registered but stored inside "OnnxParserRefitter": the suffix "ParserRefitter"
     # is in the binary too, yet nothing registers it, and the check says so.

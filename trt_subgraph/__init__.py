@@ -14,20 +14,37 @@ from ._state import reset
 
 __version__ = "0.1.0"
 
-__all__ = ["Capture", "__version__", "capture", "last_report", "reports", "reset"]
+__all__ = [
+    "Capture",
+    "Comparison",
+    "__version__",
+    "capture",
+    "compare",
+    "last_report",
+    "load",
+    "reports",
+    "reset",
+    "save",
+]
 
 # name -> module that defines it, imported on first use (``capturing``, not ``capture``: a
 # submodule named like the function would replace it as the package's attribute once imported)
 _LAZY = {
     "Capture": "capturing",
     "capture": "capturing",
+    "Comparison": "comparing",
+    "compare": "comparing",
     "last_report": "report",
+    "load": "saved",
     "reports": "report",
+    "save": "saved",
 }
 
 if TYPE_CHECKING:
     from .capturing import Capture, capture
+    from .comparing import Comparison, compare
     from .report import last_report, reports
+    from .saved import load, save
 
 
 def __getattr__(name: str) -> Any:

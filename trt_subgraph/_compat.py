@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import os
+import re
+import tempfile
+import threading
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,23 +40,60 @@ __all__ = [
     "OpOverloadPacket",
     "OperatorSupportBase",
     "StorageWeakRef",
+    "any_autocast_enabled",
+    "aot_artifacts",
     "aot_autograd",
+    "aot_compiled_backend_result",
+    "aot_graph_metadata",
+    "aot_input_origin",
+    "apply_compile_settings",
+    "autocast_calls",
+    "autocast_disabled",
+    "compile_settings",
+    "create_size_symbol",
     "cslt_available",
     "cslt_compress",
+    "custom_meta_reaches_aten_nodes",
+    "decomposed_while_tracing",
     "detect_fake_mode",
     "erase_nodes",
+    "fresh_shape_env",
     "fuse_as_graphmodule",
+    "graph_pickle",
+    "graph_unpickle",
+    "guards_checker",
+    "guards_expression",
+    "harmless_calls",
+    "has_aot_input_descriptors",
+    "import_inductor",
     "inductor_compile_fx",
+    "inductor_file_name",
     "insert_subgm",
     "invoke_subgraph_op",
+    "is_traceable_wrapper_subclass",
     "load_compiled_artifact",
+    "loading_artifacts",
     "make_boxed_func",
+    "new_fake_mode",
+    "pick_vec_isa_recording_checks",
+    "process_state",
+    "recording_cpu_kernels",
+    "restore_inductor_files",
+    "serializable_callable_base",
+    "set_grad_enabled_call",
     "stable_topological_sort",
     "standalone_compile",
+    "symbol_hint",
     "symbol_range",
     "tracing_with_fake_mode",
     "unset_fake_temporarily",
+    "vec_isa_checks_key",
+    "vec_isa_picked",
     "version_counter",
+    "vmap_scope_calls",
+    "without_aot_autograd_cache",
+    "without_header_precompiling",
+    "writes_an_argument",
 ]
 
 
@@ -70,15 +113,86 @@ def inductor_compile_fx(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
     return lookup_backend("inductor")(gm, example_inputs)
 
 
-def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, dynamic: bool) -> Any:
-    """Compile one ATen subgraph with inductor into a saveable artifact (torch >= 2.8)."""
+def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode: Any = None) -> Any:
+    """Compile one ATen subgraph with inductor into a saveable artifact (torch >= 2.8).
+
+    `fake_mode`: the FakeTensorMode (with its own ShapeEnv) of symbolic `example_inputs`; the
+    compile then reasons about their size symbols there. ``dynamic_shapes="from_tracing_context"``
+    inside a TracingContext of that mode exists in torch 2.8 to 2.13 (a ``fake_mode`` argument
+    does not before 2.12); None: static example inputs (``"from_graph"``).
+    """
+    from torch._guards import TracingContext, tracing
     from torch._inductor import standalone_compile as _standalone_compile
 
-    return _standalone_compile(
-        gm,
-        example_inputs,
-        dynamic_shapes="from_example_inputs" if dynamic else "from_graph",
+    on_cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in example_inputs)
+    aot = {"aot": True} if aot_artifacts() else {}
+    with pinned_cpu_vec_isa() if on_cpu else contextlib.nullcontext():
+        if fake_mode is None:
+            return _standalone_compile(gm, example_inputs, dynamic_shapes="from_graph", **aot)
+        with tracing(TracingContext(fake_mode)):
+            return _standalone_compile(gm, example_inputs, dynamic_shapes="from_tracing_context", **aot)
+
+
+@functools.cache
+def aot_artifacts() -> bool:
+    """Whether ``standalone_compile`` makes AOTCompiledArtifacts (``aot=True``, torch >= 2.10):
+    one bundled callable whose saved bytes load in memory, with no write into inductor's caches
+    and no cache lookup, so several of them may load at once (threads)."""
+    from torch._inductor import standalone_compile as _standalone_compile
+
+    return "aot" in inspect.signature(_standalone_compile).parameters
+
+
+def fresh_shape_env() -> tuple[Any, Any]:
+    """(FakeTensorMode, ShapeEnv): a new ShapeEnv that neither duck-sizes (equal sizes stay
+    distinct symbols) nor specializes sizes 0 and 1, and a fake mode on it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
+    return FakeTensorMode(shape_env=shape_env), shape_env
+
+
+def create_size_symbol(shape_env: Any, name: str, hint: int, bounds: Any) -> Any:
+    """A new backed size symbol `name` in `shape_env`: value `hint` for decisions that do not
+    guard, value range `bounds` (a ValueRanges, as another ShapeEnv's ``var_to_range`` holds)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    symbol = shape_env.create_symbol(
+        hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC, do_not_specialize_zero_one=True
     )
+    shape_env.constrain_symbol_range(symbol, bounds.lower, bounds.upper)
+    return symbol
+
+
+def symbol_hint(shape_env: Any, symbol: Any) -> int | None:
+    """The value a backed size symbol had when it was created; None for an unbacked symbol
+    (``backed_var_to_val`` from torch 2.11, ``var_to_val`` before)."""
+    values = getattr(shape_env, "backed_var_to_val", None)
+    if values is None:
+        values = shape_env.var_to_val
+    value = values.get(symbol)
+    return int(value) if value is not None else None
+
+
+def guards_expression(shape_env: Any, placeholders: list) -> str | None:
+    """Every condition `shape_env` holds about the sizes of `placeholders` (fake tensors and
+    SymInts), as one Python expression over ``L['t0']``, ``L['t1']``, ... (None: no condition)."""
+    return shape_env.produce_guards_expression(placeholders)
+
+
+def guards_checker(expression: str) -> Callable[[list], bool]:
+    """A function of the real values of the placeholders that evaluates a
+    :func:`guards_expression`; compiled once."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    code = compile(expression, "<trt_subgraph guards>", "eval")
+
+    def check(args: list) -> bool:
+        return bool(eval(code, SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(args)}}))
+
+    return check
 
 
 def _without_starting_inductor_pool() -> Any:
@@ -104,11 +218,107 @@ def inductor_pool_started() -> bool:
     return bool(getattr(async_compile, "_pool_set", None))
 
 
+def loading_artifacts() -> Any:
+    """The context to hold around a batch of :func:`load_compiled_artifact` calls, concurrent
+    ones included: inductor's compile-worker pool stays unstarted (see
+    ``_without_starting_inductor_pool``), and a load's own patch of the same setting then neither
+    changes nor restores another value."""
+    return _without_starting_inductor_pool()
+
+
+_LEGACY_LOADS = threading.Lock()
+
+
 def load_compiled_artifact(path: str) -> Any:
+    """Load an artifact saved in ``standalone_compile``'s binary format; safe from several
+    threads at once. An AOTCompiledArtifact (torch >= 2.10) loads in memory; the older format
+    writes into inductor's caches while loading, so those load one at a time."""
     from torch._inductor import CompiledArtifact
 
-    with _without_starting_inductor_pool():
+    with _without_starting_inductor_pool(), contextlib.nullcontext() if _is_aot_file(path) else _LEGACY_LOADS:
         return CompiledArtifact.load(path=path, format="binary")
+
+
+def _is_aot_file(path: str) -> bool:
+    """Whether a saved artifact starts with AOTCompiledArtifact's header (torch >= 2.10)."""
+    try:
+        from torch._inductor.standalone_compile import AOTCompiledArtifact
+        from torch.utils._appending_byte_serializer import BytesReader
+
+        with open(path, "rb") as f:
+            head = f.read(64)
+        return BytesReader(head).read_bytes() == AOTCompiledArtifact.AOT_HEADER
+    except Exception:  # no such class (torch < 2.10), unreadable or short file: the older format
+        return False
+
+
+def import_inductor() -> None:
+    """Import what every inductor build needs (a worker does this before its first build)."""
+    import torch._inductor.codecache
+    import torch._inductor.compile_fx
+    import torch._inductor.standalone_compile  # noqa: F401
+
+
+def compile_settings() -> dict[str, Any]:
+    """Everything in this process besides the graph that changes what inductor generates, to
+    build elsewhere exactly as here: inductor's and aot_autograd's configs (pickled) and
+    :func:`process_state`. Raises when a config holds something that does not pickle."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    return {
+        "inductor": inductor_config.save_config(),
+        "functorch": functorch_config.save_config(),
+        "process": process_state(),
+    }
+
+
+def apply_compile_settings(settings: dict[str, Any]) -> None:
+    """Make this process build as the one that took `settings` (:func:`compile_settings`), with
+    inductor compiling its kernels here, one at a time (no compile pool of its own)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    inductor_config.load_config(settings["inductor"])
+    inductor_config.compile_threads = 1
+    functorch_config.load_config(settings["functorch"])
+    want, have = settings["process"], process_state()
+    matmul = torch.backends.cuda.matmul
+    if have["num_threads"] != want["num_threads"]:
+        torch.set_num_threads(want["num_threads"])
+    if have["default_dtype"] != want["default_dtype"]:
+        torch.set_default_dtype(want["default_dtype"])
+    if have["float32_matmul_precision"] != want["float32_matmul_precision"]:  # setting it sets fp32_precision
+        torch.set_float32_matmul_precision(want["float32_matmul_precision"])
+    if process_state()["fp32_precision"] != want["fp32_precision"]:
+        matmul.fp32_precision = want["fp32_precision"]
+    if have["deterministic"] != want["deterministic"]:
+        torch.use_deterministic_algorithms(want["deterministic"][0], warn_only=want["deterministic"][1])
+    if have["reduced_precision"] != want["reduced_precision"]:
+        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = want[
+            "reduced_precision"
+        ]
+
+
+def process_state() -> dict[str, Any]:
+    """The process-wide settings that inductor's own cache keys hold besides its config: the CPU
+    thread count (C++ kernels specialize on it), the default dtype, the float32 matmul precision
+    (TF32), deterministic algorithms and reduced-precision reductions."""
+    matmul = torch.backends.cuda.matmul
+    return {
+        "num_threads": torch.get_num_threads(),
+        "default_dtype": torch.get_default_dtype(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "fp32_precision": getattr(matmul, "fp32_precision", None),
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        "reduced_precision": (
+            matmul.allow_fp16_reduced_precision_reduction,
+            matmul.allow_bf16_reduced_precision_reduction,
+        ),
+    }
 
 
 def tracing_with_fake_mode(inputs: list) -> Any:
@@ -174,6 +384,23 @@ def cpu_codegen_key() -> dict[str, str]:
     return {"arch": platform.machine(), "vec_isa": str(pick_vec_isa()), "compiler": _cpp_compiler()}
 
 
+def pinned_cpu_vec_isa() -> Any:
+    """A context in which inductor's own caches key on the CPU vector ISA.
+
+    Inductor's FX-graph and AOTAutograd caches key on its config, but not on the ISA that
+    ``ATEN_CPU_CAPABILITY`` selects: two processes sharing ``TORCHINDUCTOR_CACHE_DIR`` with
+    different capabilities load each other's kernels (AVX-512 code run where AVX2 is picked gave
+    NaN, torch 2.13). Pinning ``config.cpp.simdlen`` to the picked ISA's width (0 for scalar
+    code) selects the same ISA and puts it in those keys. A user's own ``simdlen`` is kept.
+    """
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if config.cpp.simdlen is not None:
+        return contextlib.nullcontext()
+    return config.patch({"cpp.simdlen": pick_vec_isa().bit_width()})
+
+
 @functools.cache
 def _cpp_compiler() -> str:
     """The C++ compiler inductor runs and its version banner (one subprocess per process)."""
@@ -184,13 +411,19 @@ def _cpp_compiler() -> str:
     return f"{compiler} {version}"
 
 
+# Settings torch patches around its own steps that change no artifact of trt_subgraph's:
+# ``enable_autograd_for_aot`` (set while ``load_compiled_function`` rebuilds a saved function;
+# it concerns AOTInductor's packaged libraries, which standalone_compile does not make).
+_CONFIG_NOT_IN_KEY = ("enable_autograd_for_aot",)
+
+
 def inductor_config_key() -> str:
     """A stable digest of inductor's portable config: a changed setting is a changed artifact."""
     import xxhash
     from torch._inductor import config
 
     save = getattr(config, "save_config_portable", None)
-    settings = save() if save else {}
+    settings = {k: v for k, v in (save() if save else {}).items() if k not in _CONFIG_NOT_IN_KEY}
     text = "\n".join(f"{k}={settings[k]!r}" for k in sorted(settings))
     return xxhash.xxh3_64_hexdigest(text.encode())
 
@@ -203,3 +436,378 @@ def raise_recompile_limit(limit: int) -> None:
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), limit))
             return
+
+
+def aot_input_origin(placeholder: torch.fx.Node) -> tuple[int, tuple[str, ...]] | None:
+    """Where an input of aot_autograd's ATen graph comes from, read from the descriptor that
+    aot_autograd puts on each placeholder (``meta["desc"]``, torch >= 2.9): (position among the
+    inputs aot_autograd was called with, attribute path into a tensor-subclass input that it
+    flattened; ``()`` for the input itself). None for what aot_autograd made itself (the base it
+    merges aliased inputs into, effect tokens, RNG state) and for module attributes it lifted.
+    """
+    try:
+        from torch._functorch._aot_autograd.descriptors import PlainAOTInput, SubclassGetAttrAOTInput
+    except ImportError:  # torch < 2.9: no descriptors
+        return None
+    desc = placeholder.meta.get("desc")
+    attrs: list[str] = []
+    while isinstance(desc, SubclassGetAttrAOTInput):
+        attrs.append(desc.attr)
+        desc = desc.base
+    if isinstance(desc, PlainAOTInput):
+        return desc.idx, tuple(reversed(attrs))
+    return None
+
+
+def has_aot_input_descriptors(gm: torch.fx.GraphModule) -> bool:
+    """Whether aot_autograd described this graph's placeholders (torch >= 2.9)."""
+    return any("desc" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def is_traceable_wrapper_subclass(value: Any) -> bool:
+    """A tensor subclass that tracing flattens into inner tensors (``__tensor_flatten__``)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass as _is_subclass
+
+    return _is_subclass(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Global-state calls in Dynamo graphs, aot_autograd's graph metadata, saving compiled functions
+
+
+def autocast_calls() -> tuple[Any, Any]:
+    """(enter, exit): the functions Dynamo records for ``torch.autocast`` blocks
+    (``torch.amp._enter_autocast(device_type, dtype, enabled, cache_enabled)`` returns the context
+    that ``torch.amp._exit_autocast`` closes)."""
+    return torch.amp._enter_autocast, torch.amp._exit_autocast
+
+
+def set_grad_enabled_call() -> Any:
+    """The function Dynamo records where grad mode changes (``torch._C._set_grad_enabled``)."""
+    return torch._C._set_grad_enabled
+
+
+def vmap_scope_calls() -> tuple[Any, Any] | None:
+    """(increment, decrement): the functions Dynamo records around a ``torch.vmap`` body (each
+    increment returns its level, each decrement closes the innermost); None where absent."""
+    try:
+        from torch._functorch import predispatch
+    except ImportError:
+        return None
+    increment = getattr(predispatch, "_vmap_increment_nesting", None)
+    decrement = getattr(predispatch, "_vmap_decrement_nesting", None)
+    return (increment, decrement) if increment is not None and decrement is not None else None
+
+
+def harmless_calls() -> tuple[Any, ...]:
+    """Calls Dynamo records for their side effect that change no value: API-usage logging (every
+    ``nn.Module`` built in a forward, such as a sliced ``ModuleList``, logs once) and the one-time
+    loading of vmap's decompositions."""
+    try:
+        from torch._functorch import predispatch
+    except ImportError:
+        predispatch = None
+    found = [torch._C._log_api_usage_once, getattr(predispatch, "lazy_load_decompositions", None)]
+    return tuple(f for f in found if f is not None)
+
+
+def aot_graph_metadata() -> Any:
+    """aot_autograd's ViewAndMutationMeta of the graph it is compiling (input mutations, output
+    aliasing, effect tokens), read from the tracing context inside its compiler; None outside."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    return getattr(context, "fw_metadata", None) if context is not None else None
+
+
+def any_autocast_enabled() -> bool:
+    """Whether autocast is on for any device (aot_autograd then runs its graph with autocast off)."""
+    return bool(torch._C._is_any_autocast_enabled())
+
+
+def autocast_disabled() -> Any:
+    """A context with autocast off on every device, as aot_autograd runs graphs traced under it."""
+    return torch._C._DisableAutocast()
+
+
+def graph_pickle(gm: torch.fx.GraphModule, keep_meta: Callable[[str], bool]) -> bytes:
+    """`gm` pickled by torch's GraphPickler (fake tensors, SymInts and ops by name; node meta
+    filtered by `keep_meta` where this torch's pickler takes a filter). Raises when a node calls
+    something it cannot name."""
+    import dataclasses
+
+    from torch.fx._graph_pickler import GraphPickler, Options
+
+    if "node_metadata_key_filter" in {f.name for f in dataclasses.fields(Options)}:
+        return GraphPickler.dumps(gm, Options(ops_filter=None, node_metadata_key_filter=keep_meta))
+    return GraphPickler.dumps(gm, Options(ops_filter=None))
+
+
+def graph_unpickle(data: bytes, fake_mode: Any) -> torch.fx.GraphModule:
+    """The GraphModule of :func:`graph_pickle`, its fake tensors made in `fake_mode`."""
+    from torch.fx._graph_pickler import GraphPickler
+
+    gm = GraphPickler.loads(data, fake_mode)
+    gm.recompile()
+    return gm
+
+
+def new_fake_mode() -> Any:
+    """A fresh FakeTensorMode on its own ShapeEnv."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv())
+
+
+def serializable_callable_base() -> type:
+    """torch's ``SerializableCallable`` ABC, which ``aot_compile`` requires of a backend's result
+    (``torch._dynamo.aot_compile_types`` from torch 2.11, ``torch._dynamo.aot_compile`` in 2.9 and
+    2.10); a plain ABC on torch 2.8, which has no ``aot_compile``."""
+    import abc
+
+    for module in ("torch._dynamo.aot_compile_types", "torch._dynamo.aot_compile"):
+        try:
+            return importlib.import_module(module).SerializableCallable
+        except (ImportError, AttributeError):
+            continue
+    return abc.ABC
+
+
+def aot_compiled_backend_result(compiled: Any) -> Any:
+    """What the backend returned inside a function of ``torch.compile(...).aot_compile(...)`` or
+    ``torch.compiler.load_compiled_function`` (None for anything else)."""
+    artifacts = getattr(compiled, "_artifacts", None)
+    return getattr(artifacts, "compiled_fn", None)
+
+
+def decomposed_while_tracing(name: str) -> bool:
+    """Whether every functional overload that an op name (``aten.linear``, ``aten.linear.default``)
+    covers has a CompositeImplicitAutograd kernel: tracing to ATen decomposes such an op into
+    other ops (``aten.linear`` into ``aten.t`` and ``aten.addmm``), so no node of it is left."""
+    namespace, op, *overload = name.split(".")
+    packet = getattr(getattr(torch.ops, namespace), op)
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    found = False
+    for name_ in overload or packet.overloads():
+        try:
+            overload_op = getattr(packet, name_)
+            if overload_op._schema.is_mutable:  # out= and in-place variants: functionalized away
+                continue
+            if not overload_op.has_kernel_for_dispatch_key(key):
+                return False
+        except (AttributeError, RuntimeError):  # an overload the dispatcher does not know
+            continue
+        found = True
+    return found
+
+
+def custom_meta_reaches_aten_nodes() -> bool:
+    """Whether tracing to ATen copies a node's ``meta["custom"]`` onto the nodes traced from it."""
+    from torch.fx import proxy
+
+    return "custom" in getattr(proxy, "_COPY_META_FIELDS", ())
+
+
+def without_aot_autograd_cache() -> Any:
+    """A context in which aot_autograd neither looks up nor saves its cache entries, even inside
+    ``aot_compile`` (which forces that cache on): trt_subgraph's compiler returns no inductor
+    output code for it to save, and keeps its own artifacts."""
+    from torch._functorch import config
+
+    if not hasattr(config, "force_autograd_cache"):
+        return contextlib.nullcontext()
+    return config.patch(force_autograd_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled C++ kernels of CPU artifacts: kept with the artifact, restored before it loads
+#
+# A saved inductor artifact holds the source of its C++ kernels, not the compiled libraries:
+# loading it compiles them again (CppCodeCache, torch 2.8 to 2.13) unless inductor's cache
+# directory already holds a library at the path its source and compile command hash to. So the
+# libraries a build used are kept with the artifact and put back at those paths before it loads.
+
+
+_PATCH_LOCK = threading.Lock()
+_PATCHES: dict[tuple[int, str], list[Any]] = {}  # (id of owner, name) -> [holders, original]
+_ABSENT = object()
+_KERNEL_RECORDERS: list[tuple[int, list[Any]]] = []  # (thread, modules it loaded)
+# Inductor names what it writes for a hash `c<base32>` as `<its 2nd and 3rd characters>/<hash>.<ext>`.
+_INDUCTOR_FILE_RE = re.compile(r"(?P<dir>[a-z0-9]{2})/c(?P=dir)[a-z0-9]*(\.[a-z0-9_]+)?\.(so|o)")
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name` is `value` while any thread is inside; nests and overlaps across threads
+    (the first to enter installs it, the last to leave restores the original)."""
+    key = (id(owner), name)
+    with _PATCH_LOCK:
+        entry = _PATCHES.get(key)
+        if entry is None:
+            entry = _PATCHES[key] = [0, vars(owner).get(name, _ABSENT)]
+            setattr(owner, name, value)
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _PATCHES[key]
+                if entry[1] is _ABSENT:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, entry[1])
+
+
+_LOAD_BY_KEY_PATH: Any = None  # inductor's own PyCodeCache.load_by_key_path, once recorded
+
+
+def _recording_load_by_key_path(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    module = _LOAD_BY_KEY_PATH(cls, *args, **kwargs)
+    thread = threading.get_ident()
+    with _PATCH_LOCK:
+        for owner, loaded in _KERNEL_RECORDERS:
+            if owner == thread:
+                loaded.append(module)
+    return module
+
+
+@contextlib.contextmanager
+def recording_cpu_kernels() -> Iterator[list[str]]:
+    """Paths of the compiled C++ kernel libraries (``.so``) that the inductor code this thread
+    loads inside the block calls: filled when the block ends.
+
+    Inductor loads each compiled graph's Python wrapper through
+    ``PyCodeCache.load_by_key_path`` (a module it already loaded is returned from memory, so a
+    kernel this process compiled for an earlier graph counts too); the wrapper's globals hold
+    its C++ kernels, functions of extension modules inductor loaded from its cache directory.
+    Where that moved (a later torch), nothing is recorded and loads compile their kernels.
+    """
+    global _LOAD_BY_KEY_PATH
+    try:
+        from torch._inductor.codecache import PyCodeCache
+
+        with _PATCH_LOCK:
+            if _LOAD_BY_KEY_PATH is None:
+                _LOAD_BY_KEY_PATH = vars(PyCodeCache)["load_by_key_path"].__func__
+    except (ImportError, KeyError, AttributeError):
+        yield []
+        return
+    modules: list[Any] = []
+    recorder = (threading.get_ident(), modules)
+    with _PATCH_LOCK:
+        _KERNEL_RECORDERS.append(recorder)
+    found: list[str] = []
+    try:
+        with _patched(PyCodeCache, "load_by_key_path", classmethod(_recording_load_by_key_path)):
+            yield found
+    finally:
+        with _PATCH_LOCK:
+            _KERNEL_RECORDERS.remove(recorder)
+    for module in modules:
+        for value in vars(module).values():
+            owner = getattr(value, "__self__", None)
+            path = getattr(owner, "__file__", None) if isinstance(owner, types.ModuleType) else None
+            if isinstance(path, str) and _INDUCTOR_FILE_RE.fullmatch(inductor_file_name(path)):
+                found.append(path)
+
+
+def inductor_file_name(path: str) -> str:
+    """The name of a file of inductor's cache directory relative to it (``<2 chars>/<hash>.<ext>``:
+    inductor puts what it writes for a hash in the folder named by the hash's 2nd and 3rd
+    characters)."""
+    return f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"
+
+
+def restore_inductor_files(files: dict[str, bytes]) -> None:
+    """Put compiled kernels (or vector-ISA check programs) back into inductor's cache directory
+    (``TORCHINDUCTOR_CACHE_DIR``, else its default), under the names :func:`inductor_file_name`
+    gave them; a file already there is kept. Raises ValueError for a name that is not such a
+    name (a ``..``, an absolute path, another extension)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root = cache_dir()
+    for name, data in files.items():
+        if not _INDUCTOR_FILE_RE.fullmatch(name):
+            raise ValueError(f"not a compiled file of inductor's cache directory: {name!r}")
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".trt_subgraph.", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o755)  # as the compiler leaves a library
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def without_header_precompiling() -> Any:
+    """A context in which inductor loads C++ kernels without precompiling its kernel header.
+
+    With ``cpp_cache_precompile_headers`` (on by default), inductor runs the C++ preprocessor
+    once per process and compile command before it even looks for a kernel's library, to hash
+    the precompiled header (and builds that header when missing), though a restored library
+    needs no compile. The setting itself stays on: it is part of the compile command that the
+    library's name hashes. A kernel whose library is missing still compiles, only without the
+    precompiled header. Nests and overlaps across threads; other compiles at the same time in
+    this process also go without it (slower, not different).
+    """
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+    except ImportError:
+        return contextlib.nullcontext()
+    if "_get_uncompiled_header" not in vars(CppPythonBindingsCodeCache):
+        return contextlib.nullcontext()
+    return _patched(CppPythonBindingsCodeCache, "_get_uncompiled_header", classmethod(lambda cls, device: None))
+
+
+def vec_isa_picked() -> bool:
+    """Whether inductor already checked which CPU vector ISAs work in this process (True where
+    that cannot be told)."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    cache_info = getattr(valid_vec_isa_list, "cache_info", None)
+    return cache_info is None or cache_info().currsize > 0
+
+
+def vec_isa_checks_key() -> dict[str, str]:
+    """What inductor's vector-ISA check programs depend on: they are named by the hash of their
+    source, the compiler's version banner, the ISA's flags and torch's version."""
+    import platform
+
+    return {"arch": platform.machine(), "compiler": _cpp_compiler(), "torch": torch.__version__}
+
+
+def pick_vec_isa_recording_checks() -> list[str]:
+    """Run inductor's choice of CPU vector ISA and return the paths of the check programs it
+    built or found (one small library per candidate ISA and extension, compiled and then loaded
+    in a child process, the first time in each process); [] when the choice was made before
+    in this process (nothing is checked again)."""
+    from torch._inductor import codecache
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    sources: list[str] = []
+    write = codecache.write
+
+    def recording_write(content: Any, extension: str, *args: Any, **kwargs: Any) -> Any:
+        out = write(content, extension, *args, **kwargs)
+        if extension == "cpp":
+            sources.append(out[1])
+        return out
+
+    with _patched(codecache, "write", recording_write):
+        pick_vec_isa()
+    return [p for p in (os.path.splitext(s)[0] + ".so" for s in sources) if os.path.isfile(p)]
+
+
+def writes_an_argument(target: Any) -> bool:
+    """Whether a call target is an op whose schema writes one of its arguments (``aten.add_``,
+    an ``out=`` variant, a custom op declared as mutating)."""
+    return isinstance(target, OpOverload) and target._schema.is_mutable

@@ -2,21 +2,38 @@
 
 The key is the fingerprint plus everything else that changes an artifact (engine settings,
 versions, device), so a hit is always an artifact built for exactly this subgraph here.
+:class:`Builds` gets all the artifacts of one graph together: disk loads concurrently, builds
+in worker processes concurrently (`trt_subgraph.workers`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
 import logging
+import threading
 import time
 from typing import Any
 
 import torch
 
-from . import __version__
-from ._state import on_reset
+from . import __version__, symbolic
+from ._compat import (
+    apply_compile_settings,
+    compile_settings,
+    graph_pickle,
+    graph_unpickle,
+    new_fake_mode,
+    process_state,
+)
+from ._state import on_reset, warn_once
 from .cache import FORMAT_VERSION as CACHE_FORMAT  # the entry format is part of every key
 from .engines.base import CanonicalSubgraph, Engine
+from .fingerprint import fingerprint
 from .options import Options
+from .report import SubgraphRecord
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +44,16 @@ _MEMORY: dict[str, Any] = {}
 def clear_memory_cache() -> None:
     """Forget the artifacts built or loaded in this process (``trt_subgraph.reset()`` does this)."""
     _MEMORY.clear()
+
+
+def remembered(key: str) -> Any:
+    """The artifact built or loaded under cache key `key` in this process, or None."""
+    return _MEMORY.get(key)
+
+
+def remember(key: str, artifact: Any) -> None:
+    """Keep `artifact` (loaded from elsewhere, a saved plan) as this process's artifact of `key`."""
+    _MEMORY[key] = artifact
 
 
 def device_key(sub: CanonicalSubgraph) -> dict[str, Any]:
@@ -50,6 +77,7 @@ class ArtifactStore:
             from .cache import DiskCache
 
             self.disk = DiskCache(options.disk_cache_dir, options.cache_size_limit)
+            engine.attach_disk_cache(self.disk)
 
     def key_parts(self, sub: CanonicalSubgraph, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -73,23 +101,32 @@ class ArtifactStore:
         if key in _MEMORY:
             return _MEMORY[key], "memory_hit", 0.0
         start = time.perf_counter()
-        if self.disk is None:
-            artifact, status = self.engine.build(sub, weights), "built"
-        else:
-            with self.disk.build_lock(key):
-                artifact, status = self._load(key, sub), "disk_hit"
-                if artifact is None:
-                    artifact, status = self.engine.build(sub, weights), "built"
-                    self._store(key, artifact, parts)
+        artifact, status = self.load_or_build(sub, weights, key, parts)
         _MEMORY[key] = artifact
         return artifact, status, time.perf_counter() - start
+
+    def load_or_build(
+        self, sub: CanonicalSubgraph, weights: list[torch.Tensor], key: str, parts: dict[str, Any], *, load: bool = True
+    ) -> tuple[Any, str]:
+        """(artifact, ``disk_hit`` or ``built``): under the key's build lock, the disk cache's
+        artifact (unless `load` is False), else one built here and stored."""
+        if self.disk is None:
+            return self.engine.build(sub, weights), "built"
+        with self.disk.build_lock(key):
+            artifact = self._load(key, sub) if load else None
+            if artifact is not None:
+                return artifact, "disk_hit"
+            artifact = self.engine.build(sub, weights)
+            self._store(key, artifact, parts)
+            return artifact, "built"
 
     def _load(self, key: str, sub: CanonicalSubgraph) -> Any:
         payload = self.disk.get(key)
         if payload is None:
             return None
         try:
-            return self.engine.deserialize(payload, sub)
+            with self.engine.loading():
+                return self.engine.deserialize(payload, sub)
         except Exception as exc:  # a verified entry the installed engine cannot load: rebuild
             log.warning("trt_subgraph: cache entry %s could not be loaded (%s); rebuilding", key, exc)
             return None
@@ -103,12 +140,341 @@ class ArtifactStore:
             )
             return
         if payload is not None:
-            self.disk.put(
-                key,
-                payload,
-                {
-                    "engine": self.engine.name,
-                    "versions": parts["versions"],
-                    "info": {"fingerprint": parts["fingerprint"]},
-                },
+            self.put(key, payload, parts)
+
+    def put(self, key: str, payload: bytes, parts: dict[str, Any]) -> None:
+        """Store an artifact's bytes in the disk cache under `key` (whose :meth:`key_parts` are `parts`)."""
+        self.disk.put(
+            key,
+            payload,
+            {
+                "engine": self.engine.name,
+                "versions": parts["versions"],
+                "info": {"fingerprint": parts["fingerprint"]},
+            },
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class Pending:
+    """One artifact that a graph asked :class:`Builds` for. :meth:`Builds.finish` sets
+    `artifact` (None where the engine failed: PyTorch runs the subgraph) and fills `record`."""
+
+    sub: CanonicalSubgraph
+    weights: list[torch.Tensor]
+    record: SubgraphRecord
+    key: str = ""
+    parts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    first: Pending | None = None  # the request that gets this key's artifact (maybe this one)
+    artifact: Any = None
+    done: bool = False
+    # Between fetching and loading: the artifact's bytes, where they came from, when the fetch
+    # began, whether a disk entry may be loaded by a build here, and why a worker build failed.
+    payload: bytes | None = None
+    status: str = ""
+    start: float = 0.0
+    load_disk: bool = True
+    worker_error: str | None = None
+    job: concurrent.futures.Future | None = None  # the build queued for a worker
+    # Built in the background (see `Builds.request`). Set once the disk cache was looked up, and
+    # once the fetch is over.
+    background: bool = False
+    looked_up: threading.Event = dataclasses.field(default_factory=threading.Event)
+    fetched: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # A miss's job for a worker (None: build it here), made in the main thread.
+    task: dict[str, Any] | None = None
+    task_ready: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Builds:
+    """The artifacts one Dynamo graph needs, found or built together.
+
+    Lowering asks for each unique subgraph with :meth:`request`, which builds nothing (the
+    piece runs in PyTorch until it is bound). :meth:`finish` then gets them all: artifacts this
+    process holds at once; disk-cache lookups in threads, then loads (at once where the engine's
+    loads allow it). Where `pool` is given and the engine builds without weights, misses of
+    static shapes build concurrently: this process builds the largest itself, then whatever no
+    worker has started yet, and the workers the rest (`trt_subgraph.workers`); else they build
+    here one after another. A worker's build holds the disk cache's per-key build lock from
+    lookup to store, as a build here does, and is stored under the same key. A worker that
+    crashes, hangs or fails leaves its subgraph to a build here, with a warning. Statuses and
+    counts in the records are those of building one after another (background builds: once
+    :meth:`collect` has them).
+    """
+
+    def __init__(self, engine: Engine, options: Options, pool: WorkerPool | None = None) -> None:
+        self.engine = engine
+        self.store = ArtifactStore(engine, options)
+        self.pool = pool if engine.builds_in_workers else None
+        self._waiting: list[Pending] = []
+        self._first: dict[str, Pending] = {}
+        self._later: list[Pending] = []  # building in the background
+        self._followers: list[Pending] = []  # waiting for one of those
+
+    def request(
+        self, sub: CanonicalSubgraph, weights: list[torch.Tensor], record: SubgraphRecord, *, background: bool = False
+    ) -> Pending:
+        """Ask for the artifact of `sub` (`weights`: its first instance's); `record` is its
+        report entry, with `variant` set. `background`: where a worker can build it, :meth:`finish`
+        does not wait for that build (the piece runs in PyTorch meanwhile, record status
+        ``building``); a later :meth:`collect` gets it."""
+        from .cache import make_key
+
+        pending = Pending(sub, weights, record, background=background and self._in_worker_sub(sub))
+        try:
+            pending.parts = self.store.key_parts(sub, {"variant": record.variant} if record.variant else None)
+            pending.key = make_key(pending.parts)
+        except Exception as exc:
+            self._failed(pending, exc)
+            return pending
+        if pending.key in _MEMORY:
+            self._resolve(pending, _MEMORY[pending.key], "memory_hit", 0.0)
+            return pending
+        pending.first = self._first.setdefault(pending.key, pending)
+        pending.first.background = pending.first.background and pending.background  # any waits: all wait
+        self._waiting.append(pending)
+        return pending
+
+    def finish(self) -> None:
+        """Get every requested artifact but background builds (see the class and
+        :meth:`request`); returns when they are there or failed."""
+        waiting, self._waiting, self._first = self._waiting, [], {}
+        firsts = [p for p in waiting if p.first is p]
+        offload = [p for p in firsts if self._in_worker(p) and not p.background]
+        later = [p for p in firsts if p.background]
+        settings = None
+        if len(offload) > 1 or later:
+            try:
+                settings = compile_settings()
+            except Exception as exc:  # a config holds something that does not pickle
+                log.warning("trt_subgraph: building in this process only: the compile settings do not pickle (%s)", exc)
+        if settings is None:
+            offload = []
+            for p in later:
+                p.background = False
+            later = []
+        # This process builds the largest itself (no worker start-up in its way), then whatever no
+        # worker has started yet; the workers build the rest.
+        mine = max(offload, key=lambda p: p.sub.num_ops) if offload else None
+        disk = self.store.disk is not None
+        fetched = [p for p in firsts if p not in later and p is not mine and (disk or p in offload)]
+        for p in later:  # behind every other build in the workers' queue
+            threading.Thread(target=self._fetch, args=(p, True), daemon=True, name="trt_subgraph-later").start()
+        with concurrent.futures.ThreadPoolExecutor(
+            len(fetched) or 1, thread_name_prefix="trt_subgraph-fetch"
+        ) as threads:
+            jobs = {p: threads.submit(self._fetch, p, p in offload) for p in fetched}
+            self._give_tasks([p for p in fetched if p in offload] + later, settings)
+            if mine is not None:
+                self._build_here(mine)
+                self._steal(jobs)
+            concurrent.futures.wait(jobs.values())
+            loads = [p for p in fetched if p.payload is not None] + [p for p in later if p.status == "disk_hit"]
+            self._load_all(loads, threads)
+        self._warn_failed(fetched)
+        for p in firsts:
+            if not p.done and not (p.background and p.status != "disk_hit"):
+                self._build_here(p)
+        for p in later:
+            if not p.done:
+                p.record.status = "building"
+                self._later.append(p)
+        self._resolve_followers(waiting)
+
+    def _give_tasks(self, offload: list[Pending], settings: dict[str, Any] | None) -> None:
+        """After their disk lookups, the worker tasks of the misses among `offload`. Made here,
+        before this process builds anything: torch's GraphPickler changes global pytree state
+        while it runs, which must not meet a build or another pickling."""
+        try:
+            for p in offload:
+                p.looked_up.wait()
+                if p.payload is None and settings is not None:
+                    try:
+                        p.task = {
+                            "engine": self.engine,
+                            "graph": graph_pickle(p.sub.gm, keep_meta=lambda key: key == "val"),
+                            "input_kinds": p.sub.input_kinds,
+                            "parts": p.parts,
+                            "settings": settings,
+                        }
+                    except Exception as exc:  # something in the graph does not pickle: built here
+                        p.worker_error = f"{type(exc).__name__}: {exc}"
+                p.task_ready.set()
+        finally:
+            for p in offload:  # never leave a thread waiting while it holds a build lock
+                p.task_ready.set()
+
+    @property
+    def building(self) -> bool:
+        """Whether background builds are still under way (see :meth:`collect`)."""
+        return bool(self._later)
+
+    def collect(self) -> bool:
+        """Bind-ready what background builds finished since the last call (between calls of the
+        compiled forward: nothing else runs in this process meanwhile); True when any did. A
+        failed background build is built here now, with a warning."""
+        ready = [p for p in self._later if p.fetched.is_set()]
+        if not ready:
+            return False
+        self._later = [p for p in self._later if p not in ready]
+        self._load_all([p for p in ready if p.payload is not None], None)
+        self._warn_failed(ready)
+        for p in ready:
+            if not p.done:
+                self._build_here(p)
+        self._resolve_followers(self._followers)
+        return True
+
+    def _load_all(self, loads: list[Pending], threads: concurrent.futures.ThreadPoolExecutor | None) -> None:
+        with self.engine.loading():  # nothing else runs in this process meanwhile
+            if threads is not None and self.engine.loads_concurrently():
+                list(threads.map(self._load, loads))
+            else:
+                for p in loads:
+                    self._load(p)
+
+    def _warn_failed(self, fetched: list[Pending]) -> None:
+        failed = [p for p in fetched if p.worker_error is not None]
+        if failed:
+            log.warning(
+                "trt_subgraph: %d build(s) in worker processes failed (%s); building in this process instead",
+                len(failed),
+                failed[0].worker_error,
             )
+
+    def _resolve_followers(self, waiting: list[Pending]) -> None:
+        """Requests of a key another piece of the graph asked for first get its artifact."""
+        self._followers = []
+        for p in waiting:
+            if p.first is p or p.done:
+                continue
+            if not p.first.done:  # its first builds in the background
+                self._followers.append(p)
+            elif p.first.artifact is not None:
+                self._resolve(p, p.first.artifact, "memory_hit", 0.0)
+            else:
+                p.done, p.record.status, p.record.error = True, "fallback", p.first.record.error
+
+    def _in_worker(self, p: Pending) -> bool:
+        return self._in_worker_sub(p.sub)
+
+    def _in_worker_sub(self, sub: CanonicalSubgraph) -> bool:
+        return self.pool is not None and not symbolic.is_symbolic(sub.example_inputs)
+
+    def _fetch(self, p: Pending, offload: bool) -> None:
+        """In a thread: the disk cache's bytes, else (`offload`) a worker's build of the task
+        :meth:`_give_tasks` makes, stored. Leaves no bytes for a build in this process: a miss
+        not offloaded, a failed or a cancelled worker build."""
+        try:
+            self._fetch_bytes(p, offload)
+        finally:
+            p.looked_up.set()
+            p.fetched.set()
+
+    def _fetch_bytes(self, p: Pending, offload: bool) -> None:
+        p.start = time.perf_counter()
+        disk = self.store.disk
+        with disk.build_lock(p.key) if disk is not None else contextlib.nullcontext():
+            payload = disk.get(p.key) if disk is not None else None
+            if payload is not None:
+                p.payload, p.status = payload, "disk_hit"
+                return
+            p.looked_up.set()
+            if offload:
+                p.task_ready.wait()
+                if p.task is None:
+                    return
+                try:
+                    p.job = self.pool.submit(build_in_worker, p.task, priority=int(p.background))
+                    payload = p.job.result()
+                except concurrent.futures.CancelledError:  # this process took it (`_steal`)
+                    return
+                except Exception as exc:
+                    p.worker_error = f"{type(exc).__name__}: {exc}"
+                    return
+                p.record.worker = True
+                if disk is not None:
+                    self.store.put(p.key, payload, p.parts)
+                p.status, p.payload = "built", payload
+
+    def _steal(self, jobs: dict[Pending, concurrent.futures.Future]) -> None:
+        """Build here, largest first, what is still queued for a worker."""
+        for p in sorted(jobs, key=lambda p: p.sub.num_ops, reverse=True):
+            if p.job is not None and p.job.cancel():
+                jobs[p].result()  # its thread has let go of the key's build lock
+                self._build_here(p)
+
+    def _load(self, p: Pending) -> None:
+        payload, p.payload = p.payload, None
+        try:
+            artifact = self.engine.deserialize(payload, p.sub)
+        except Exception as exc:
+            log.warning(
+                "trt_subgraph: the %s artifact of subgraph %s (%s) could not be loaded (%s); building it in this process",
+                self.engine.name,
+                p.sub.fingerprint,
+                "from the disk cache" if p.status == "disk_hit" else "built in a worker",
+                exc,
+            )
+            p.load_disk, p.record.worker = False, False
+            return
+        self._resolve(p, artifact, p.status, time.perf_counter() - p.start)
+
+    def _build_here(self, p: Pending) -> None:
+        start = time.perf_counter()
+        try:
+            artifact, status = self.store.load_or_build(p.sub, p.weights, p.key, p.parts, load=p.load_disk)
+        except Exception as exc:  # one piece failing must not take the model down
+            self._failed(p, exc)
+            return
+        self._resolve(p, artifact, status, time.perf_counter() - start)
+
+    def _resolve(self, p: Pending, artifact: Any, status: str, seconds: float) -> None:
+        p.artifact, p.done = artifact, True
+        p.record.status, p.record.build_s = status, seconds
+        if p.key:
+            _MEMORY[p.key] = artifact
+
+    def _failed(self, p: Pending, exc: Exception) -> None:
+        p.done = True
+        p.record.status, p.record.error = "fallback", f"{type(exc).__name__}: {exc}"
+        warn_once(  # each graph (each recompile, each region) meets the same fingerprints
+            log,
+            ("build failed", self.engine.name, p.sub.fingerprint),
+            "trt_subgraph: engine %r failed to build subgraph %s (%d ops): %s; running it in PyTorch",
+            self.engine.name,
+            p.sub.fingerprint,
+            p.sub.num_ops,
+            p.record.error,
+        )
+
+
+def build_in_worker(task: dict[str, Any]) -> bytes:
+    """Build one subgraph in a worker process (`trt_subgraph.workers`); the artifact's bytes.
+
+    `task`: the engine, the canonical subgraph pickled with its fake tensors, its input kinds,
+    the main process's cache-key parts and `compile_settings()`. Raises unless the fingerprint,
+    engine settings, code-generation key, device key and process settings found here are the
+    main process's, so the bytes are what a build there would store under that key.
+    """
+    apply_compile_settings(task["settings"])
+    engine = task["engine"]
+    gm = graph_unpickle(task["graph"], new_fake_mode())
+    kinds = tuple(task["input_kinds"])
+    sub = CanonicalSubgraph(gm=gm, input_kinds=kinds, fingerprint=fingerprint(gm, kinds))
+    parts = task["parts"]
+    found = {
+        "fingerprint": sub.fingerprint,
+        "settings": engine.settings(),
+        "device": device_key(sub),
+        "codegen": engine.codegen_key(sub),
+    }
+    differ = [name for name, value in found.items() if value != parts[name]]
+    if process_state() != task["settings"]["process"]:
+        differ.append("process settings")
+    if differ:
+        raise RuntimeError(f"the worker's {', '.join(differ)} differ from the main process's")
+    payload = engine.serialize(engine.build(sub, []))
+    if payload is None:
+        raise RuntimeError(f"the {engine.name} engine gave no bytes for its artifact")
+    return payload

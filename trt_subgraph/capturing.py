@@ -1,4 +1,4 @@
-"""See what the backend sees: every unique canonical subgraph and each instance's weights.
+"""See what the backend sees: every unique canonical subgraph, each instance's weights and module path.
 
 Used by the ONNX export and by anyone who wants to inspect the split without running engines.
 """
@@ -37,6 +37,7 @@ def capture(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Cap
         for unit in lowered.unique.values():
             if unit.sub.fingerprint in merged:
                 merged[unit.sub.fingerprint].instance_weights.extend(unit.instance_weights)
+                merged[unit.sub.fingerprint].instance_paths.extend(unit.instance_paths)
             else:
                 merged[unit.sub.fingerprint] = unit
     return Capture(unique=list(merged.values()), output=output)

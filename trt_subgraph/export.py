@@ -1,9 +1,13 @@
-"""ONNX export of each unique subgraph, for users who build with trtexec or Polygraphy.
+"""ONNX export of each unique subgraph with every instance's weights, for building with TensorRT.
 
 Every unique canonical subgraph becomes ``<fingerprint>.onnx`` with its weights as initializers
 named by position (``w_0``, ``w_1``, ...), the same names for every instance, so one engine built
 from the file can be refit with any instance's weights (TensorRT's ONNX refitter matches by
-initializer name). ``index.json`` lists each file with its instance count, inputs and outputs.
+initializer name). Each instance ``i`` (in the order the model runs them) gets
+``<fingerprint>.<i>.safetensors``: its weights under those names. ``index.json`` lists each file
+with its inputs and outputs, each instance's module path and the parameter or buffer of the
+model behind each ``w_k``, and the commands that build one engine and refit it per instance with
+``trt_refit.py`` (copied next to the files).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +28,12 @@ from .engines.base import ACTIVATION, SYMINT, CanonicalSubgraph
 from .engines.tensorrt import to_constant_module
 from .fx_utils import output_values
 
-__all__ = ["INDEX_FORMAT", "export_onnx", "export_subgraph"]
+__all__ = ["INDEX_FORMAT", "REFIT_SCRIPT", "export_onnx", "export_subgraph"]
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+REFIT_SCRIPT = "trt_refit.py"
 
 
 def export_onnx(
@@ -36,10 +43,19 @@ def export_onnx(
     opset: int = 18,
     **options: Any,
 ) -> dict[str, Any]:
-    """Write one ONNX file per unique subgraph of ``model`` plus ``index.json``; return the index.
+    """Write every unique subgraph of ``model`` as ONNX and every instance's weights; return the index.
+
+    Writes to ``out_dir`` (created if missing): ``<fingerprint>.onnx`` per unique subgraph (the
+    first instance's weights inside), ``<fingerprint>.<i>.safetensors`` per instance ``i``,
+    ``trt_refit.py`` and ``index.json`` (the returned index). Per subgraph the index gives
+    ``instance_weights``: for each instance its ``module_path`` (``layers.3``; '' for the model
+    itself), its ``file``, ``weights`` mapping each ``w_k`` to the name of the model's parameter
+    or buffer it holds (None where it is none of them: a constant of the traced graph), and its
+    ``refit`` command; and ``build``, the command that builds the engine those refit. Commands
+    run in ``out_dir``.
 
     ``options`` go to :func:`trt_subgraph.capture` (backend options such as ``min_block_size``).
-    The weights written are the first instance's.
+    Raises ValueError for an opset below 13 or symbolic shapes, ImportError without onnxscript.
     """
     from . import __version__
     from .capturing import capture
@@ -50,26 +66,48 @@ def export_onnx(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     captured = capture(model, *example_inputs, **options)
+    names_of = _parameter_names(model)
     entries = []
     for unit in captured.unique:
         sub = unit.sub
         path = out / f"{sub.fingerprint}.onnx"
-        names = export_subgraph(sub, unit.instance_weights[0], path, opset=opset)
+        first = unit.instance_weights[0]
+        names = export_subgraph(sub, first, path, opset=opset)
+        plan = f"{sub.fingerprint}.plan"
+        instances = []
+        for i, (weights, module_path) in enumerate(zip(unit.instance_weights, unit.instance_paths)):
+            # None: a weight the traced graph holds itself, the same for every instance
+            weights = [w if w is not None else f for w, f in zip(weights, first)]
+            mapping = {f"w_{k}": names_of.get(id(w)) for k, w in enumerate(weights)}
+            weights_file = out / f"{sub.fingerprint}.{i}.safetensors"
+            _save_weights(weights, weights_file, sub.fingerprint, i, module_path, mapping)
+            instances.append(
+                {
+                    "module_path": module_path,
+                    "file": weights_file.name,
+                    "weights": mapping,
+                    "refit": _command("refit", plan, path.name, weights_file.name, f"{sub.fingerprint}.{i}.plan"),
+                }
+            )
         entries.append(
             {
                 "fingerprint": sub.fingerprint,
-                "instances": len(unit.instance_weights),
+                "instances": len(instances),
                 "file": path.name,
                 "inputs": [_describe(name, val) for name, val in zip(names["inputs"], _activations(sub))],
                 "outputs": [_describe(name, val) for name, val in zip(names["outputs"], _output_vals(sub))],
                 "initializers": names["initializers"],
+                "build": _command("build", path.name, plan),
+                "instance_weights": instances,
             }
         )
+    shutil.copyfile(Path(__file__).with_name(REFIT_SCRIPT), out / REFIT_SCRIPT)
     index = {
         "format": INDEX_FORMAT,
         "trt_subgraph": __version__,
         "torch": torch.__version__,
         "opset": opset,
+        "refit_script": REFIT_SCRIPT,
         "subgraphs": entries,
     }
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -119,6 +157,35 @@ def export_subgraph(
             f"initializers (found {initializers[:8]}); the exported file could not be refit by name"
         )
     return {"inputs": input_names, "outputs": output_names, "initializers": initializers}
+
+
+def _parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """id of each parameter and buffer of `model` -> its name (the first name of a tied one)."""
+    names: dict[int, str] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        names.setdefault(id(tensor), name)
+    return names
+
+
+def _save_weights(
+    weights: Sequence[torch.Tensor], path: Path, fingerprint: str, instance: int, module_path: str, mapping: dict
+) -> None:
+    """One instance's weights as ``w_k``; the metadata repeats what the index says of them."""
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors that share memory (tied weights, views of one buffer)
+    tensors = {f"w_{k}": w.detach().to("cpu").contiguous().clone() for k, w in enumerate(weights)}
+    metadata = {
+        "fingerprint": fingerprint,
+        "instance": str(instance),
+        "module_path": module_path,
+        "weights": json.dumps(mapping),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _command(*args: str) -> str:
+    return shlex.join(["python", REFIT_SCRIPT, *args])
 
 
 def _require_onnxscript() -> None:

@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ._compat import OpOverload, OpOverloadPacket
 from .cache import DEFAULT_SIZE_LIMIT as DEFAULT_CACHE_SIZE_LIMIT
 from .cache import default_cache_dir
 
-__all__ = ["DEFAULT_CACHE_SIZE_LIMIT", "ENGINES", "MODES", "SPARSITY", "Options", "default_cache_dir"]
+__all__ = ["DEFAULT_CACHE_SIZE_LIMIT", "ENGINES", "MEMORY_FORMATS", "MODES", "SPARSITY", "Options", "default_cache_dir"]
 
 ENGINES = ("auto", "eager", "inductor", "tensorrt")
 SPARSITY = ("auto", "on", "off")  # the sparsity modes (the 2:4 runtime checks against these too)
+MEMORY_FORMATS = ("auto", "preserve", "channels_last")  # activations' layout (see ``memory_format``)
 MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 _UNSET: Any = object()
+DEFAULT_CUDAGRAPH_MAX_SHAPES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +40,31 @@ class Options:
     cache_size_limit: int = DEFAULT_CACHE_SIZE_LIMIT
     sparsity: str = "auto"
     cudagraphs: bool = True
+    # CUDA graphs kept per compiled graph, one per input-shape signature (least recently used
+    # dropped); with `cudagraph_sizes`, at least one per listed size. 8: the batch sizes a server
+    # typically sees (1, 2, 4, ... 128) without holding dozens of graphs' outputs and workspaces
+    # (inductor warns at 8 distinct shapes too: ``cudagraph_dynamic_shape_warn_limit``).
+    cudagraph_max_shapes: int = DEFAULT_CUDAGRAPH_MAX_SHAPES
+    # Batch sizes to pad a dynamic batch up to (ascending, unique), as vLLM's capture sizes.
+    cudagraph_sizes: tuple[int, ...] | None = None
     min_block_size: int = 1
     torch_executed_ops: frozenset[str] = frozenset()
+    # The activations' memory format: "channels_last" runs every 2-D convolution's input and what
+    # follows it channels-last, "preserve" keeps eager's layouts, and "auto" goes channels-last
+    # where inductor would for the whole graph (2-D convolutions on CUDA that its layout rule
+    # favours; engines that keep layouts), so that pieces compiled alone agree on one layout
+    # instead of each converting in and out. See `trt_subgraph.memory_format.apply`.
+    memory_format: str = "auto"
+    # The most worker processes that build the unique subgraphs a graph misses in the caches, all
+    # at once (engines that build without weights: inductor; a graph starts at most its unique
+    # regions minus one): 0 builds them in this process one after another; None picks
+    # `trt_subgraph.workers.default_workers` (half the cores, at most 8, none below 4 cores).
+    # See `trt_subgraph.workers`.
+    build_workers: int | None = None
+    # Glue between blocks (embeddings, stem, head) that misses the caches builds in a worker in
+    # the background: the first call waits for the blocks only, PyTorch runs the glue until a
+    # later call swaps its engines in (CUDA graphs then record again). Needs build workers.
+    background_glue: bool = False
 
     @property
     def disk_cache_dir(self) -> Path | None:
@@ -43,6 +72,11 @@ class Options:
 
     @classmethod
     def from_user(cls, options: dict[str, Any] | None, mode: str | None = None) -> Options:
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(
+                "trt_subgraph: options must be a dict such as {'engine': 'eager'}, "
+                f"got {type(options).__name__} {options!r}"
+            )
         options = dict(options or {})
         valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(options) - set(valid))
@@ -55,6 +89,8 @@ class Options:
         _check_choice("engine", engine, ENGINES)
         sparsity = options.get("sparsity", "auto")
         _check_choice("sparsity", sparsity, SPARSITY)
+        memory_format = options.get("memory_format", "auto")
+        _check_choice("memory_format", memory_format, MEMORY_FORMATS)
         cache = options.get("cache", True)
         _check_type("cache", cache, bool)
         cudagraphs = options.get("cudagraphs", True)
@@ -70,6 +106,11 @@ class Options:
         elif cache_dir is None:
             cache = False
         elif isinstance(cache_dir, (str, os.PathLike)):
+            if not os.fspath(cache_dir):
+                raise ValueError(
+                    "trt_subgraph: option 'cache_dir' is an empty path (an unset variable?); give a directory, "
+                    "or None to turn the disk cache off"
+                )
             cache_dir = Path(cache_dir)
         else:
             raise ValueError(f"trt_subgraph: option 'cache_dir' must be a path or None, got {type(cache_dir).__name__}")
@@ -80,12 +121,36 @@ class Options:
         min_block_size = options.get("min_block_size", 1)
         if not isinstance(min_block_size, int) or isinstance(min_block_size, bool) or min_block_size < 1:
             raise ValueError(f"trt_subgraph: option 'min_block_size' must be an int >= 1, got {min_block_size!r}")
-        ops = options.get("torch_executed_ops", ())
-        if isinstance(ops, str) or not all(isinstance(op, str) for op in ops):
+        sizes = options.get("cudagraph_sizes")
+        if sizes is not None:
+            if not isinstance(sizes, (list, tuple)) or not sizes or not all(_is_count(n) for n in sizes):
+                raise ValueError(
+                    "trt_subgraph: option 'cudagraph_sizes' must be a non-empty list of batch sizes >= 1 "
+                    f"such as [1, 2, 4, 8], got {sizes!r}"
+                )
+            sizes = tuple(sorted(set(sizes)))
+        max_shapes = options.get("cudagraph_max_shapes", max(DEFAULT_CUDAGRAPH_MAX_SHAPES, len(sizes or ())))
+        if not _is_count(max_shapes):
             raise ValueError(
-                "trt_subgraph: option 'torch_executed_ops' must be a collection of op names "
+                f"trt_subgraph: option 'cudagraph_max_shapes' must be an int >= 1 (CUDA graphs kept), got {max_shapes!r}"
+            )
+        ops = options.get("torch_executed_ops")
+        ops = () if ops is None else ops
+        if isinstance(ops, (str, OpOverload, OpOverloadPacket)) or not isinstance(ops, Iterable):
+            raise ValueError(
+                "trt_subgraph: option 'torch_executed_ops' must be a collection of ops or op names "
                 f"such as {{'aten.gelu.default'}}, got {ops!r}"
             )
+        build_workers = options.get("build_workers")
+        if build_workers is not None and (
+            not isinstance(build_workers, int) or isinstance(build_workers, bool) or build_workers < 0
+        ):
+            raise ValueError(
+                "trt_subgraph: option 'build_workers' must be an int >= 0 (worker processes; 0 builds in this "
+                f"process) or None (chosen from the CPU cores), got {build_workers!r}"
+            )
+        background_glue = options.get("background_glue", False)
+        _check_type("background_glue", background_glue, bool)
         return cls(
             engine=engine,
             cache=cache,
@@ -93,9 +158,60 @@ class Options:
             cache_size_limit=limit,
             sparsity=sparsity,
             cudagraphs=cudagraphs,
+            cudagraph_max_shapes=max_shapes,
+            cudagraph_sizes=sizes,
             min_block_size=min_block_size,
-            torch_executed_ops=frozenset(ops),
+            torch_executed_ops=frozenset(resolve_op(op) for op in ops),
+            memory_format=memory_format,
+            build_workers=build_workers,
+            background_glue=background_glue,
         )
+
+
+def resolve_op(op: Any) -> str:
+    """The canonical name of one ``torch_executed_ops`` entry: ``aten.gelu`` (every overload) or
+    ``aten.gelu.default`` (one overload).
+
+    Accepted: an op (``torch.ops.aten.gelu.default``) or an op packet (``torch.ops.aten.gelu``),
+    or their names spelled ``aten.gelu``, ``aten.gelu.default``, ``torch.ops.aten.gelu.default``
+    or ``aten::gelu``. Raises ValueError for anything that names no registered op or overload.
+    """
+    if isinstance(op, (OpOverload, OpOverloadPacket)):
+        return str(op)
+    if not isinstance(op, str):
+        raise ValueError(
+            f"trt_subgraph: option 'torch_executed_ops' holds {op!r} ({type(op).__name__}); "
+            "entries are ops such as torch.ops.aten.gelu.default or names such as 'aten.gelu.default'"
+        )
+    name = op.strip().replace("::", ".")
+    name = name.removeprefix("torch.ops.")
+    parts = name.split(".")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(
+            f"trt_subgraph: option 'torch_executed_ops' entry {op!r} is not an op name; "
+            "write 'namespace.op' or 'namespace.op.overload', such as 'aten.gelu' or 'aten.gelu.default'"
+        )
+    try:
+        packet = getattr(getattr(torch.ops, parts[0]), parts[1])
+    except (AttributeError, RuntimeError):
+        packet = None
+    if not isinstance(packet, OpOverloadPacket):
+        raise ValueError(
+            f"trt_subgraph: option 'torch_executed_ops' entry {op!r}: no op {parts[0]}.{parts[1]} is registered "
+            "(names are ATen-level, such as 'aten.gelu' or 'aten.addmm.default')"
+        )
+    if len(parts) == 2:
+        return str(packet)
+    if parts[2] not in packet.overloads():
+        raise ValueError(
+            f"trt_subgraph: option 'torch_executed_ops' entry {op!r}: {packet} has no overload {parts[2]!r}; "
+            f"its overloads are {sorted(packet.overloads())}"
+        )
+    return str(getattr(packet, parts[2]))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:

@@ -4,7 +4,9 @@ Every compute node gets a block label (or None for glue between blocks), from, i
 ``invoke_subgraph`` calls (``torch.compiler.nested_compile_region``), repeated
 ``nn_module_stack`` prefixes, else a structural matcher over the op sequence. Partitioning
 then runs inside each block, so a partition never crosses a block boundary and identical
-blocks produce identical pieces.
+blocks produce identical pieces. Blocks are found once per graph: on the Dynamo graph where it
+is split into regions (each region then is one block or glue, cut no further), else on the ATen
+graph.
 """
 
 from __future__ import annotations
@@ -116,34 +118,52 @@ def _signature(nodes: list[torch.fx.Node]) -> tuple:
 
 
 def _labels_from_module_stack(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, str | None]:
-    children: dict[str | None, dict[str, str]] = collections.defaultdict(dict)
+    """Blocks from module paths: the outermost instances of the graph's block classes.
+
+    A module with child modules in the graph is a *candidate* when a sibling has its class (the
+    layers of a stack, the blocks of a stage). A class *repeats* when two of its candidates
+    anywhere in the graph compute alike (equal signatures). A repeating class is a block class
+    unless one of its candidates sits inside an instance of another repeating class:
+    repeated sub-modules of one block (sibling norm-activation or conv-norm-activation modules)
+    are not blocks. An instance that holds candidates of its own class is a container (the
+    sequence of a model's stages), neither a block nor a reason to drop another class. Every
+    other instance of a block class is a block, one inside another block excepted: the single
+    block of a stage too, not only the repeated ones.
+    """
+    parent_of: dict[str, str | None] = {}  # in graph order: a module before the modules inside it
+    class_of: dict[str, str] = {}
     members: dict[str, list[torch.fx.Node]] = collections.defaultdict(list)
-    has_children: set[str] = set()
     for node in nodes:
         parent = None
         for path, cls in _stack(node):
-            children[parent].setdefault(path, cls)
+            parent_of.setdefault(path, parent)
+            class_of.setdefault(path, cls)
             members[path].append(node)
-            if parent is not None:
-                has_children.add(parent)
             parent = path
 
+    def ancestors(path: str) -> list[str]:
+        out = []
+        while (path := parent_of[path]) is not None:
+            out.append(path)
+        return out
+
+    composite = {p for p in parent_of.values() if p is not None}
+    siblings = collections.Counter((parent_of[p], class_of[p]) for p in composite)
+    candidates = [p for p in parent_of if p in composite and siblings[(parent_of[p], class_of[p])] >= 2]
+    signatures: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for path in candidates:
+        signatures[class_of[path]][_signature(members[path])] += 1
+    repeated = {cls for cls, counts in signatures.items() if max(counts.values()) >= 2}
+    containers = {a for p in candidates for a in ancestors(p) if class_of[a] == class_of[p]}
+    block_like = {p for p in composite if class_of[p] in repeated and p not in containers}
+    nested = {
+        class_of[p] for p in candidates if any(a in block_like and class_of[a] != class_of[p] for a in ancestors(p))
+    }
+    block_classes = repeated - nested
     blocks: set[str] = set()
-
-    def visit(parent: str | None) -> None:
-        by_class: dict[str, list[str]] = collections.defaultdict(list)
-        for path, cls in children.get(parent, {}).items():
-            by_class[cls].append(path)
-        for paths in by_class.values():
-            candidates = [p for p in paths if p in has_children]
-            signatures = collections.Counter(_signature(members[p]) for p in candidates)
-            if len(candidates) >= 2 and max(signatures.values()) >= 2:
-                blocks.update(candidates)
-            else:
-                for path in paths:
-                    visit(path)
-
-    visit(None)
+    for path in parent_of:
+        if class_of[path] in block_classes and path in block_like and not blocks.intersection(ancestors(path)):
+            blocks.add(path)
     labels: dict[torch.fx.Node, str | None] = {}
     for node in nodes:
         labels[node] = next((path for path, _ in _stack(node) if path in blocks), None)

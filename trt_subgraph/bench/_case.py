@@ -59,7 +59,7 @@ def _flat_fp32(out: Any):
 
 def rel_err(out: Any, ref) -> float:
     """||y - ref|| / ||ref|| over all floating outputs, in fp32."""
-    y = _flat_fp32(out)
+    y = _flat_fp32(out).to(ref.device)
     if y.shape != ref.shape:
         raise ValueError(f"output has {y.numel()} elements, the reference {ref.numel()}")
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -72,31 +72,77 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def _from_factory(name: str, kwargs: dict[str, Any], device: str, seed: int):
+    """The user's factory(**kwargs) under `seed`: (fp32 model on `device`, inputs there)."""
+    import torch
+
+    from trt_subgraph.cli.factory import load_factory
+
+    factory = load_factory(name)
+    torch.manual_seed(seed)
+    got = factory(**kwargs)
+    if not (isinstance(got, (tuple, list)) and len(got) == 2 and isinstance(got[0], torch.nn.Module)):
+        raise TypeError(f"factory {name} must return (nn.Module, example_inputs), got {type(got).__name__}")
+    model, inputs = got
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    model = model.eval().to(device).float()
+    inputs = tuple(t.to(device).float() if t.is_floating_point() else t.to(device) for t in inputs)
+    return model, inputs
+
+
 def _build(spec: dict[str, Any]):
     """Model and inputs in fp32 on the device (weights seeded), plus facts for the row."""
     import torch
 
     from trt_subgraph.bench import models
-    from trt_subgraph.cli.factory import load_factory
 
     name, kwargs, device = spec["model"], dict(spec.get("model_kwargs") or {}), spec["device"]
     if name in models.MODELS:
-        model, inputs = models.build(name, dtype=torch.float32, device=device, seed=spec["seed"], **kwargs)
-    else:
-        factory = load_factory(name)
-        torch.manual_seed(spec["seed"])
-        got = factory(**kwargs)
-        if not (isinstance(got, (tuple, list)) and len(got) == 2 and isinstance(got[0], torch.nn.Module)):
-            raise TypeError(f"factory {name} must return (nn.Module, example_inputs), got {type(got).__name__}")
-        model, inputs = got
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        model = model.eval().to(device).float()
-        inputs = tuple(t.to(device).float() if t.is_floating_point() else t.to(device) for t in inputs)
-    return model, inputs
+        return models.build(name, dtype=torch.float32, device=device, seed=spec["seed"], **kwargs)
+    return _from_factory(name, kwargs, device, spec["seed"])
+
+
+def _sized_inputs(spec: dict[str, Any], model, inputs) -> list[tuple[int | None, tuple]]:
+    """(size, fp32 inputs) per size of the spec's sweep, in call order; [(None, inputs)] without one.
+
+    Built-in models: ``models.make_inputs`` on the one model (same weights, same seeded
+    generator as its example inputs). A factory is called again per size under the same seed and
+    only its inputs are kept."""
+    from trt_subgraph.bench import models
+
+    sweep = spec.get("sweep")
+    if not sweep:
+        return [(None, inputs)]
+    name, kwargs, dim = spec["model"], dict(spec.get("model_kwargs") or {}), sweep["dim"]
+    out = []
+    for size in sweep["sizes"]:
+        if name in models.MODELS:
+            sizes = {**models.DEFAULTS[name], **kwargs, dim: size}
+            x = models.make_inputs(
+                name, model, batch=sizes["batch"], seq=sizes.get("seq"), image=sizes.get("image"), seed=spec["seed"]
+            )
+        else:
+            _, x = _from_factory(name, {**kwargs, dim: size}, spec["device"], spec["seed"])
+        out.append((size, x))
+    return out
+
+
+def _latency_ms(times_ms: list[float]) -> dict[str, float]:
+    times_ms = sorted(times_ms)
+    return {
+        "latency_ms_median": _quantile(times_ms, 0.5),
+        "latency_ms_p10": _quantile(times_ms, 0.1),
+        "latency_ms_p90": _quantile(times_ms, 0.9),
+    }
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build, reference, compile + first call, warm up, time; returns the result row fields."""
+    """Build, reference, compile + first call, warm up, time; returns the result row fields.
+
+    With ``spec["sweep"] = {"dim": "batch" | "seq", "sizes": [...]}`` the one compiled model is
+    called at every size in the given order (first and second call each, timed), then, after
+    all sizes were seen, warmed up and timed per size; the per-size fields are in
+    ``per_size`` (in call order) and ``first_call_s`` is their sum."""
     phase = "import"
     res: dict[str, Any] = {"status": "error"}
     try:
@@ -111,6 +157,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
         dtype = DTYPES[spec["dtype"]]
         res["machine"] = machine_name(device)
+        sweep = spec.get("sweep")
+        trt = spec["backend"] == "trt_subgraph"
 
         def sync() -> None:
             if cuda:
@@ -126,11 +174,14 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                 from trt_subgraph.sparse.analysis import prune_2_4
 
                 res["pruned_layers"] = len(prune_2_4(model).pruned)
+            sized = _sized_inputs(spec, model, inputs)
+            del inputs
 
             phase = "reference"
-            ref = _flat_fp32(model(*inputs))
+            # A sweep keeps one reference per size: on the CPU, out of the device's memory.
+            refs = [_flat_fp32(model(*x)).to("cpu" if sweep else device) for _, x in sized]
             model.to(dtype)
-            inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+            sized = [(size, tuple(t.to(dtype) if t.is_floating_point() else t for t in x)) for size, x in sized]
             sync()
             if cuda:
                 torch.cuda.empty_cache()
@@ -143,55 +194,70 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                 dtype=dtype,
                 trt_options=spec.get("trt_options") or {},
                 tt_options=spec.get("tt_options") or {},
+                dynamic=bool(spec.get("dynamic")),
             )
             res.update(info)
+            known = _report_ids() if trt and sweep else set()
 
-            def timed_call() -> tuple[Any, float]:
+            def timed_call(x: tuple) -> tuple[Any, float]:
                 """One synchronized call of the compiled model: its output and its seconds."""
                 sync()
                 t0 = time.perf_counter()
-                out = fn(*inputs)
+                out = fn(*x)
                 sync()
                 return out, time.perf_counter() - t0
 
-            phase = "first call"
-            out, res["first_call_s"] = timed_call()
-            err_first = rel_err(out, ref)
-            del out
-            if spec["backend"] == "trt_subgraph":
-                res.update(_trt_report())
-
-            phase = "second call"  # where CUDA graphs get recorded (trt_subgraph, reduce-overhead)
-            _, res["second_call_s"] = timed_call()
-            phase = "warmup"
-            for _ in range(spec["warmup"]):
-                fn(*inputs)
-            sync()
-            phase = "timing"
-            times_ms: list[float] = []
-            for _ in range(spec["repeats"]):
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn(*inputs)
-                    end.record()
-                    end.synchronize()
-                    times_ms.append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    fn(*inputs)
-                    times_ms.append((time.perf_counter() - t0) * 1e3)
-            phase = "accuracy"
-            out = fn(*inputs)
-            sync()
-            res["rel_err"] = max(err_first, rel_err(out, ref))
-        times_ms.sort()
-        res.update(
-            latency_ms_median=_quantile(times_ms, 0.5),
-            latency_ms_p10=_quantile(times_ms, 0.1),
-            latency_ms_p90=_quantile(times_ms, 0.9),
-            timer="cuda_events" if cuda else "perf_counter",
-        )
+            entries: list[dict[str, Any]] = []
+            if sweep:
+                res["per_size"] = entries  # filled as it goes: a failed sweep keeps the sizes it did
+            for order, ((size, x), ref) in enumerate(zip(sized, refs)):
+                at = "" if size is None else f" ({sweep['dim']} {size})"
+                entry: dict[str, Any] = {} if size is None else {"size": size, "call_order": order}
+                phase = "first call" + at
+                out, entry["first_call_s"] = timed_call(x)
+                entry["rel_err"] = rel_err(out, ref)
+                del out
+                if trt and not sweep:
+                    res.update(_trt_report())
+                phase = "second call" + at  # where CUDA graphs get recorded (trt_subgraph, reduce-overhead)
+                _, entry["second_call_s"] = timed_call(x)
+                if trt and sweep:
+                    entry.update(_trt_new(known))  # what this size compiled
+                    known = _report_ids()
+                entries.append(entry)
+            for (size, x), ref, entry in zip(sized, refs, entries):
+                at = "" if size is None else f" ({sweep['dim']} {size})"
+                phase = "warmup" + at
+                for _ in range(spec["warmup"]):
+                    fn(*x)
+                sync()
+                phase = "timing" + at
+                times_ms: list[float] = []
+                for _ in range(spec["repeats"]):
+                    if cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        fn(*x)
+                        end.record()
+                        end.synchronize()
+                        times_ms.append(start.elapsed_time(end))
+                    else:
+                        t0 = time.perf_counter()
+                        fn(*x)
+                        times_ms.append((time.perf_counter() - t0) * 1e3)
+                phase = "accuracy" + at
+                out = fn(*x)
+                sync()
+                entry["rel_err"] = max(entry["rel_err"], rel_err(out, ref))  # worst of first and steady state
+                del out
+                entry.update(_latency_ms(times_ms))
+        if sweep:
+            res["first_call_s"] = sum(e["first_call_s"] for e in entries)
+            if trt:
+                res.update(_trt_sweep_report())
+        else:
+            res.update(entries[0])
+        res["timer"] = "cuda_events" if cuda else "perf_counter"
         if cuda:
             res["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             res["mem_kind"] = "cuda_max_allocated"
@@ -204,6 +270,48 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         traceback.print_exc()
         res["error"] = f"{phase}: {type(e).__name__}: {e}".strip()
     return res
+
+
+def _report_ids() -> set[int]:
+    """Identities of the trt_subgraph reports recorded so far in this process."""
+    import trt_subgraph
+
+    return {id(r) for r in trt_subgraph.reports()}
+
+
+def _summed_totals(reports: list) -> dict[str, Any]:
+    """trt_subgraph report totals added up over `reports` (one per Dynamo graph compiled)."""
+    totals: dict[str, Any] = {}
+    for r in reports:
+        for key, value in r.totals.items():
+            totals[key] = totals.get(key, 0) + value
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in totals.items()}
+
+
+def _trt_new(known: set[int]) -> dict[str, Any]:
+    """The trt_subgraph compilations recorded since `known`: their count and summed totals."""
+    import trt_subgraph
+
+    new = [r for r in trt_subgraph.reports() if id(r) not in known]
+    return {"trt_compiles": len(new), "trt_totals": _summed_totals(new)}
+
+
+def _trt_sweep_report() -> dict[str, Any]:
+    """After a sweep: every trt_subgraph compilation of the process (count, summed totals), the
+    engine and CUDA-graph mode of the last; or why not."""
+    try:
+        import trt_subgraph
+
+        reports = trt_subgraph.reports()
+        last = reports[-1].to_dict() if reports else {}
+        return {
+            "trt_engine": last.get("engine"),
+            "trt_cudagraphs": last.get("cudagraphs"),
+            "trt_sweep_compiles": len(reports),
+            "trt_sweep_totals": _summed_totals(reports),
+        }
+    except Exception as e:
+        return {"trt_report_error": f"{type(e).__name__}: {e}"}
 
 
 def _trt_report() -> dict[str, Any]:

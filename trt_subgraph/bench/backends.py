@@ -55,18 +55,29 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def prepare(
-    backend: str, model: nn.Module, *, dtype: torch.dtype, trt_options: dict[str, Any], tt_options: dict[str, Any]
+    backend: str,
+    model: nn.Module,
+    *,
+    dtype: torch.dtype,
+    trt_options: dict[str, Any],
+    tt_options: dict[str, Any],
+    dynamic: bool = False,
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """Return (callable, info) for `backend`; info holds facts worth reporting (e.g. blocks)."""
+    """Return (callable, info) for `backend`; info holds facts worth reporting (e.g. blocks).
+
+    `dynamic`: every torch.compile call gets ``dynamic=True`` (symbolic sizes from the first
+    compile on); otherwise torch.compile's default (static first, automatic dynamic on a
+    recompile). Eager ignores it."""
     check_backend(backend)
     raise_recompile_limit(64)
     info: dict[str, Any] = {}
+    dyn = True if dynamic else None
     if backend == "eager":
         return model, info
     if backend == "inductor":
-        return torch.compile(model, backend="inductor"), info
+        return torch.compile(model, backend="inductor", dynamic=dyn), info
     if backend == "reduce-overhead":
-        return torch.compile(model, backend="inductor", mode="reduce-overhead"), info
+        return torch.compile(model, backend="inductor", mode="reduce-overhead", dynamic=dyn), info
     if backend == "regional":
         blocks = find_blocks(model)
         if not blocks:
@@ -75,16 +86,16 @@ def prepare(
                 "nn.Sequential that share one class)"
             )
         for block in blocks:
-            block.compile(backend="inductor")
+            block.compile(backend="inductor", dynamic=dyn)
         info["regional_blocks"] = len(blocks)
         return model, info
     if backend == "trt_subgraph":
-        return torch.compile(model, backend="trt_subgraph", options=dict(trt_options)), info
+        return torch.compile(model, backend="trt_subgraph", options=dict(trt_options), dynamic=dyn), info
     if backend == "torch_tensorrt":
         if importlib.util.find_spec("torch_tensorrt") is None:
             raise RuntimeError("torch_tensorrt is not installed (pip install 'trt_subgraph[tensorrt]')")
         import torch_tensorrt  # noqa: F401  (registers the dynamo backend)
 
         options = {"enabled_precisions": {dtype}, **tt_options}
-        return torch.compile(model, backend="torch_tensorrt", options=options), info
-    return torch.compile(model, backend=backend[len(COMPILE_PREFIX) :]), info
+        return torch.compile(model, backend="torch_tensorrt", options=options, dynamic=dyn), info
+    return torch.compile(model, backend=backend[len(COMPILE_PREFIX) :], dynamic=dyn), info

@@ -48,13 +48,17 @@ def _first_call(row: dict[str, Any]) -> str:
     return f"{_num(row['first_call_s'])} ({_num(min(runs))}-{_num(max(runs))})"
 
 
+def _spread(row: dict[str, Any]) -> str:
+    if row.get("latency_ms_p10") is None:
+        return ""
+    return f"{_num(row['latency_ms_p10'])}-{_num(row['latency_ms_p90'])}"
+
+
 def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
     """One table row as strings, in COLUMNS order."""
     totals = row.get("trt_totals") or {}
     trt = "/".join(str(totals.get(k, "?")) for k in ("unique_subgraphs", "builds", "reuses")) if totals else ""
-    spread = ""
-    if row.get("latency_ms_p10") is not None:
-        spread = f"{_num(row['latency_ms_p10'])}-{_num(row['latency_ms_p90'])}"
+    spread = _spread(row)
     rel = row.get("rel_err")
     return [
         "" if row.get("depth") is None else str(row["depth"]),
@@ -71,6 +75,92 @@ def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
     ]
 
 
+def sweep_columns(dim: str) -> tuple[str, ...]:
+    """Columns of a size sweep's table; `dim` ("batch" or "seq") heads the size column."""
+    return (
+        "depth",
+        dim,
+        "backend",
+        "first call s",
+        "2nd call s",
+        "median ms",
+        "p10-p90 ms",
+        "rel err",
+        "builds/fallbacks",
+        "fallback nodes",
+        "status",
+    )
+
+
+def sweep_cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
+    """One row of a size sweep (one case at one size) as strings, in sweep_columns order. The
+    trt_subgraph columns count what was compiled at that size (0/0: nothing new)."""
+    totals = row.get("trt_totals") or {}
+    compiled = "trt_compiles" in row
+    rel = row.get("rel_err")
+    return [
+        "" if row.get("depth") is None else str(row["depth"]),
+        "" if row.get("size") is None else str(row["size"]),
+        _series(row),
+        _num(row.get("first_call_s")),
+        _num(row.get("second_call_s")),
+        _num(row.get("latency_ms_median")),
+        _spread(row),
+        "" if rel is None else f"{rel:.1e}",
+        f"{totals.get('builds', 0)}/{totals.get('fallbacks', 0)}" if compiled else "",
+        str(totals.get("fallback_nodes", 0)) if compiled else "",
+        _status(row, err_width),
+    ]
+
+
+def _sweep_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A model's sweep rows grouped by depth, then size in call order, then backend (as run)."""
+    depths = {d: i for i, d in enumerate(dict.fromkeys(str(r.get("depth")) for r in rows))}
+    series = {b: i for i, b in enumerate(dict.fromkeys(_series(r) for r in rows))}
+    return sorted(rows, key=lambda r: (depths[str(r.get("depth"))], r.get("call_order", -1), series[_series(r)]))
+
+
+def _sweep_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per depth, one line: each backend's sum of first calls over the sizes (the range over
+    runs), and trt_subgraph's compilations, builds and fallbacks over the whole sweep."""
+    lines = []
+    for depth in dict.fromkeys(r.get("depth") for r in rows):
+        cases: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            if r.get("depth") == depth:
+                cases.setdefault(_series(r), r)
+        dim, n = rows[0]["dim"], len({r.get("size") for r in rows if r.get("depth") == depth})
+        parts = []
+        for name, r in cases.items():
+            if r.get("status") != "ok":
+                parts.append(f"{name} {r.get('status', 'error')}")
+                continue
+            text = f"{name} {_num(r.get('first_call_s_sum'))} s"
+            notes = []
+            runs = r.get("first_call_s_sum_runs")
+            if runs:
+                notes.append(f"{_num(min(runs))}-{_num(max(runs))} over {len(runs)} runs")
+            totals = r.get("trt_sweep_totals")
+            if totals is not None:
+                notes.append(
+                    f"{r.get('trt_sweep_compiles', '?')} compilations, {totals.get('builds', 0)} builds, "
+                    f"{totals.get('fallbacks', 0)} fallbacks, {totals.get('fallback_nodes', 0)} fallback nodes"
+                )
+            parts.append(text + (f" ({'; '.join(notes)})" if notes else ""))
+        at = "" if depth is None else f" at depth {depth}"
+        lines.append(f"Sum of first calls over the {n} {dim} sizes{at}: " + ", ".join(parts) + ".")
+    return lines
+
+
+def _table(rows: list[dict[str, Any]], err_width: int) -> tuple[tuple[str, ...], list[list[str]], list[str]]:
+    """(columns, cells per row, summary lines) of one model's rows: a size sweep's table when the
+    rows come from one, else the standard table."""
+    if rows and "dim" in rows[0]:
+        ordered = _sweep_order(rows)
+        return sweep_columns(rows[0]["dim"]), [sweep_cells(r, err_width) for r in ordered], _sweep_summary(rows)
+    return COLUMNS, [cells(r, err_width) for r in rows], []
+
+
 def _by_model(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -82,13 +172,15 @@ def terminal_table(data: dict[str, Any]) -> str:
     """Fixed-width table, one block per model."""
     lines: list[str] = []
     for model, rows in _by_model(data["results"]).items():
-        table = [list(COLUMNS)] + [cells(r) for r in rows]
-        widths = [max(len(t[i]) for t in table) for i in range(len(COLUMNS))]
+        columns, body, summary = _table(rows, 70)
+        table = [list(columns), *body]
+        widths = [max(len(t[i]) for t in table) for i in range(len(columns))]
         lines.append(f"== {model} ==")
         for j, t in enumerate(table):
             lines.append("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        lines += summary
         lines.append("")
     return "\n".join(lines)
 
@@ -98,7 +190,8 @@ def _md_escape(s: str) -> str:
 
 
 def _sizes(rows: list[dict[str, Any]]) -> str:
-    sizes = {k: v for k, v in (rows[0].get("sizes") or {}).items() if k != "depth"}
+    swept = ("depth", rows[0].get("dim"))  # a size sweep's size is a column
+    sizes = {k: v for k, v in (rows[0].get("sizes") or {}).items() if k not in swept}
     return ", ".join(f"{k} {v}" for k, v in sizes.items())
 
 
@@ -150,15 +243,39 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         ),
         "",
     ]
+    sweep = cfg.get("batches") or cfg.get("seqs")
+    if sweep:
+        dim = "batch size" if cfg.get("batches") else "sequence length"
+        out += [
+            f"Dynamic shapes: each case calls its one compiled model at {dim}s "
+            f"{', '.join(map(str, sweep))}, in this order, in one process (inputs of each size from the "
+            "model's own input builder, same weights); *first call* (compile or recompile + run) and "
+            "*2nd call* per size as they happen; then, once every size was seen, *median*, *p10-p90* "
+            "and *rel err* per size. *builds/fallbacks* and *fallback nodes*: what trt_subgraph "
+            "compiled at that size (engine builds / pieces that fell back to PyTorch, nodes run in "
+            "PyTorch). The line under each table sums the first calls over the sizes"
+            + (" (of the median run by that sum)" if runs > 1 else "")
+            + ", with trt_subgraph's compilations over the whole sweep. "
+            + (
+                "torch.compile ran with dynamic=True."
+                if cfg.get("dynamic")
+                else "torch.compile ran with its default dynamic=None (static, then automatic dynamic "
+                "on the first recompile)."
+            ),
+            "",
+        ]
     for model, rows in _by_model(data["results"]).items():
         out += [f"## {model}", ""]
         if rows[0].get("sizes"):
             out += [f"Sizes: {_sizes(rows)}.", ""]
-        out.append("| " + " | ".join(COLUMNS) + " |")
-        out.append("|" + "---|" * len(COLUMNS))
-        for r in rows:
-            out.append("| " + " | ".join(_md_escape(c) for c in cells(r, err_width=200)) + " |")
+        columns, body, summary = _table(rows, 200)
+        out.append("| " + " | ".join(columns) + " |")
+        out.append("|" + "---|" * len(columns))
+        for c in body:
+            out.append("| " + " | ".join(_md_escape(x) for x in c) + " |")
         out.append("")
+        for line in summary:
+            out += [line, ""]
     for img in images:
         out += [f"![{Path(img).stem}]({img})", ""]
     return "\n".join(out)
@@ -172,8 +289,8 @@ def _x(row: dict[str, Any]) -> int | None:
 def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """first_call.png (first-call time vs depth per backend) and latency.png (median latency per
     backend and depth, p10-p90 whiskers); [] when matplotlib is not installed."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return []
+    if importlib.util.find_spec("matplotlib") is None or any("dim" in r for r in data["results"]):
+        return []  # a size sweep's tables hold its figures; the plots are over depth
     import matplotlib
 
     matplotlib.use("Agg")

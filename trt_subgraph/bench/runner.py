@@ -105,6 +105,11 @@ class Config:
     batch: int | None = None
     seq: int | None = None
     image: int | None = None
+    # Dynamic shapes: every case calls its one compiled model at each of these batch sizes (or
+    # sequence lengths), in this order; rows per (case, size). At most one of the two.
+    batches: list[int] | None = None
+    seqs: list[int] | None = None
+    dynamic: bool = False  # torch.compile(..., dynamic=True) for every compiling backend
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     repeats: int = 20
     warmup: int = 3
@@ -145,6 +150,38 @@ class Config:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
         if self.bytecode not in BYTECODE_MODES:
             raise ValueError(f"unknown bytecode mode {self.bytecode!r}; allowed: {', '.join(BYTECODE_MODES)}")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """--batches / --seqs: one of them, each size a positive int listed once, not with the
+        single --batch / --seq it replaces; --seqs only for models with a sequence."""
+        if self.batches is not None and self.seqs is not None:
+            raise ValueError("--batches and --seqs exclude each other: a sweep varies one size; run them separately")
+        for key, single in (("batches", "batch"), ("seqs", "seq")):
+            sizes = getattr(self, key)
+            if sizes is None:
+                continue
+            if getattr(self, single) is not None:
+                raise ValueError(f"--{key} and --{single} exclude each other: --{key} lists every {single} to call")
+            if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+                raise ValueError(f"--{key} must be comma-separated positive ints, got {sizes}")
+            if len(set(sizes)) != len(sizes):
+                raise ValueError(f"--{key} lists a size twice: {sizes}; each size is called once, in order")
+        if self.seqs is not None:
+            fixed = [m for m in self.models if m in MODELS and m not in ("encoder", "decoder")]
+            if fixed:
+                raise ValueError(
+                    f"--seqs applies to models with a sequence length (encoder, decoder, --model "
+                    f"factories), not {', '.join(fixed)}"
+                )
+
+    def sweep(self) -> dict[str, Any] | None:
+        """The sizes each case calls: {"dim": "batch" or "seq", "sizes": [...]}, or None."""
+        if self.batches is not None:
+            return {"dim": "batch", "sizes": list(self.batches)}
+        if self.seqs is not None:
+            return {"dim": "seq", "sizes": list(self.seqs)}
+        return None
 
 
 @dataclasses.dataclass
@@ -164,6 +201,8 @@ class Case:
 def _model_kwargs(cfg: Config, model: str, depth: int | None) -> dict[str, Any]:
     """Keyword arguments for models.build or the user's factory: only what was set."""
     kw: dict[str, Any] = {k: getattr(cfg, k) for k in SIZE_KEYS if getattr(cfg, k) is not None}
+    if cfg.seqs is not None:
+        kw["seq"] = max(cfg.seqs)  # the model is built once, for the longest sequence it is called with
     if depth is not None:
         kw["depth"] = depth
     if model in MODELS and cfg.device == "cpu":
@@ -174,7 +213,7 @@ def _model_kwargs(cfg: Config, model: str, depth: int | None) -> dict[str, Any]:
         kw.pop("depth", None)  # the MLP has no repeated blocks
     if model in ("encoder", "decoder", "mlp"):
         kw.pop("image", None)
-    if model in ("vit", "resnet", "mlp"):
+    if model in MODELS and model not in ("encoder", "decoder"):  # image models and the MLP
         kw.pop("seq", None)
     kw.update(cfg.model_kwargs)
     return kw
@@ -207,6 +246,8 @@ def cases(cfg: Config) -> list[Case]:
                     "trt_options": cfg.trt_options,
                     "tt_options": cfg.tt_options,
                     "seed": cfg.seed,
+                    "sweep": cfg.sweep(),
+                    "dynamic": cfg.dynamic,
                 }
                 out.append(Case(model, depth, backend, "cold", spec))
                 if cfg.warm_cache and backend == "trt_subgraph":
@@ -243,6 +284,8 @@ def run_case(
         "variant": case.variant,
         "sizes": _sizes(case),
     }
+    if case.spec.get("sweep"):
+        row["dim"] = case.spec["sweep"]["dim"]
     tmp = tempfile.mkdtemp(prefix="trt_subgraph_bench_")
     child_env = dict(os.environ)
     child_env.update(env or {})
@@ -474,6 +517,27 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**median, "first_call_s_runs": [r["first_call_s"] for r in runs]}
 
 
+def expand(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one case: one per size called for a size sweep (in call order), else the row.
+
+    A sweep row's per-size rows hold that size's fields (``size``, ``call_order``, first and
+    second call, latency, rel err, trt_subgraph's compilations at that size) and the case's
+    (status, error, ``first_call_s_sum``: the sum of first calls, the sweep's trt_subgraph
+    totals); ``sizes`` holds the size called. A sweep case that failed before its first size is
+    one row with ``size`` None."""
+    if "dim" not in row:
+        return [row]
+    base = {k: v for k, v in row.items() if k not in ("per_size", "first_call_s", "first_call_s_runs")}
+    if "first_call_s" in row:
+        base["first_call_s_sum"] = row["first_call_s"]
+    if "first_call_s_runs" in row:
+        base["first_call_s_sum_runs"] = row["first_call_s_runs"]
+    entries = row.get("per_size") or []
+    if not entries:
+        return [{**base, "size": None}]
+    return [{**base, **e, "sizes": {**(row.get("sizes") or {}), row["dim"]: e["size"]}} for e in entries]
+
+
 def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
     """Run every case; returns {"meta": ..., "results": [rows]}.
 
@@ -497,7 +561,7 @@ def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
     env, meta["bytecode"] = prepare_bytecode(cfg.bytecode, cfg.models, stream)
 
     def current() -> dict[str, Any]:
-        data = {"meta": meta, "results": [combine(samples[i]) for i in sorted(samples)]}
+        data = {"meta": meta, "results": [r for i in sorted(samples) for r in expand(combine(samples[i]))]}
         return merge(previous, data) if previous else data
 
     for index, row in _iter_runs(cfg, cases(cfg), stream, env):
@@ -523,8 +587,11 @@ def _config_dict(cfg: Config) -> dict[str, Any]:
 
 def check_appendable(old: dict[str, Any], new: dict[str, Any]) -> None:
     """Rows of one results file must be comparable: same device, dtype and timing settings."""
-    for key in ("device", "dtype", "warmup", "repeats", "runs", "sparse", "trt_options", "seed"):
-        before, now = old.get(key, 1 if key == "runs" else None), new.get(key)  # files from before --runs
+    absent = {"runs": 1, "dynamic": False}  # what files from before these settings had
+    keys = ("device", "dtype", "warmup", "repeats", "runs", "sparse", "trt_options", "seed")
+    keys += ("dynamic", "batches", "seqs")  # a size sweep's call order shapes its first calls
+    for key in keys:
+        before, now = old.get(key, absent.get(key)), new.get(key, absent.get(key))
         if before != now:
             raise ValueError(
                 f"--append: {key} differs from the results in the --out folder "
@@ -533,7 +600,7 @@ def check_appendable(old: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return (row["model"], str(row.get("depth")), row["backend"], row.get("variant", "cold"))
+    return (row["model"], str(row.get("depth")), row["backend"], row.get("variant", "cold"), row.get("size"))
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -561,6 +628,7 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             (0, d, "") if isinstance(d, int) else (1, 0, str(d)),
             backends.get(r["backend"], len(backends)),
             r.get("variant") == "warm",
+            r.get("call_order", 0),
         )
 
     return {"meta": meta, "results": sorted(rows.values(), key=order)}

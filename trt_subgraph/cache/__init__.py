@@ -5,23 +5,27 @@ unpickled or executed while loading, but an inductor payload is a compiled artif
 *will* run later, so :meth:`DiskCache.get` only returns payloads whose authentication tag
 verifies with a per-user secret kept outside the cache directory (:func:`default_key_file`).
 Whoever can write the cache directory but cannot read that key file cannot make it run their
-code. A cache shared between users therefore needs the same key file for all of them (point
-``TRT_SUBGRAPH_KEY_FILE`` at one file readable by exactly those users); an entry written with
-another key is treated as damaged and removed.
+code. The key file is refused (cache off, one warning naming the file and the fix) when
+anyone but you or root could know or replace it: see :func:`paths.read_secret`. A cache
+shared between users therefore needs one key file for all of them, owned by root and
+readable by their group only (mode 0640); an entry written with another key is treated as
+damaged and removed.
 
-Modules: ``paths`` (where the cache and the key file live), ``entry`` (keys and the entry
-format), ``disk`` (the directory: entries, locks, eviction). None of them imports torch.
+Modules: ``paths`` (where the cache and the key file live, and the key file's checks),
+``entry`` (keys and the entry format), ``locks`` (per-key build locks with a heartbeat),
+``disk`` (the directory: entries, locks, eviction). None of them imports torch.
 """
 
 from __future__ import annotations
 
-from .disk import DEFAULT_LOCK_TIMEOUT, DEFAULT_SIZE_LIMIT, DiskCache, EntryInfo
+from .disk import DEFAULT_LOCK_TIMEOUT, DEFAULT_SIZE_LIMIT, DEFAULT_STALL_TIMEOUT, DiskCache, EntryInfo
 from .entry import FORMAT_VERSION, MAGIC, make_key
 from .paths import default_cache_dir, default_key_file
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "DEFAULT_SIZE_LIMIT",
+    "DEFAULT_STALL_TIMEOUT",
     "FORMAT_VERSION",
     "MAGIC",
     "DiskCache",

@@ -7,7 +7,13 @@ One file per key, ``<key>.entry``::
 The header holds the key, format version, engine name, the caller's ``versions`` and
 ``info``, the creation time, payload size, payload xxh3_128 and an authentication tag
 (HMAC-SHA256 over magic, format, header-without-tag and payload). Nothing is unpickled or
-executed while reading an entry. Imports no torch.
+executed while reading an entry, and reading is bounded: the header is at most 1 MiB of JSON,
+and the payload is checked in 1 MiB chunks before it is read into memory (only an authentic
+payload is). Imports no torch.
+
+Three outcomes besides success: :class:`Damaged` (an entry of this format that fails a check:
+the cache removes it), :class:`OtherFormat` (an entry of another release's format: skipped,
+never removed) and :class:`Foreign` (not a cache entry at all: left alone).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ __all__ = [
     "KEY_RE",
     "MAGIC",
     "Damaged",
+    "Foreign",
+    "OtherFormat",
     "check_key",
     "check_meta",
     "encode_head",
@@ -44,6 +52,7 @@ MAGIC = b"TRT-SGC\n"
 _PREFIX = struct.Struct(">II")  # format version, header length
 _PREFIX_LEN = len(MAGIC) + _PREFIX.size
 _MAX_HEADER = 1 << 20
+_CHUNK = 1 << 20  # payload bytes hashed per read: bounds the memory spent on an unverified entry
 KEY_RE = re.compile(r"[0-9a-f]{32}")
 _META_KEYS = ("engine", "versions", "info")
 _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -126,17 +135,40 @@ def check_meta(meta: object) -> dict:
 
 
 class Damaged(Exception):
-    """An entry failed a check; the message is the reason shown to the user."""
+    """An entry of this format failed a check; the message is the reason shown to the user."""
 
 
-def _tag(secret: bytes, header_wo_tag: dict, payload: bytes | memoryview) -> str:
+class Foreign(Exception):
+    """Not a cache entry (not a regular file, or no cache magic): not the cache's to judge or remove."""
+
+
+class OtherFormat(Foreign):
+    """A cache entry in another release's format: skipped, never removed (that release may use it)."""
+
+
+def _mac(secret: bytes, header_wo_tag: dict) -> hmac.HMAC:
+    """The HMAC over magic, prefix and header, ready to take the payload."""
     body = canonical_json(header_wo_tag).encode()
     mac = hmac.new(secret, digestmod=hashlib.sha256)
     mac.update(MAGIC)
     mac.update(_PREFIX.pack(header_wo_tag["format"], len(body)))
     mac.update(body)
-    mac.update(payload)
-    return mac.hexdigest()
+    return mac
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a finite number")
+
+
+_MAX_DEPTH = 32  # of ``versions`` and ``info``; the cache's own are 1-3 levels deep
+
+
+def _too_deep(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` nests deeper than _MAX_DEPTH (JSON-indenting it would hit the recursion limit)."""
+    if depth > _MAX_DEPTH:
+        return True
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_too_deep(v, depth + 1) for v in children)
 
 
 def encode_head(key: str, payload: bytes | memoryview, meta: dict, secret: bytes) -> bytes:
@@ -148,28 +180,38 @@ def encode_head(key: str, payload: bytes | memoryview, meta: dict, secret: bytes
         "payload_size": len(payload),
         "payload_xxh3_128": xxhash.xxh3_128_hexdigest(payload),
     }
-    header["tag"] = _tag(secret, header, payload)
+    mac = _mac(secret, header)
+    mac.update(payload)
+    header["tag"] = mac.hexdigest()
     body = canonical_json(header).encode()
     return MAGIC + _PREFIX.pack(FORMAT_VERSION, len(body)) + body
 
 
 def read_header(f) -> dict:
-    """Parse magic, version and header from an open entry; raise Damaged on any mismatch."""
+    """Parse magic, version and header from an open entry, reading at most 1 MiB + 16 bytes.
+
+    Raises :class:`Foreign` (not a regular file, bad magic), :class:`OtherFormat` (another
+    format version) or :class:`Damaged` (anything else wrong with the header).
+    """
     if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-        raise Damaged("not a regular file")
+        raise Foreign("not a regular file")
     prefix = f.read(_PREFIX_LEN)
-    if len(prefix) < _PREFIX_LEN or prefix[: len(MAGIC)] != MAGIC:
-        raise Damaged("not a trt_subgraph cache entry (bad magic)")
+    if prefix[: len(MAGIC)] != MAGIC:
+        raise Foreign("not a trt_subgraph cache entry (bad magic)")
+    if len(prefix) < _PREFIX_LEN:
+        raise Damaged(f"truncated prefix ({len(prefix)} of {_PREFIX_LEN} bytes)")
     version, length = _PREFIX.unpack(prefix[len(MAGIC) :])
     if version != FORMAT_VERSION:
-        raise Damaged(f"entry format version {version}, this build reads version {FORMAT_VERSION}")
+        raise OtherFormat(f"entry format version {version}, this release reads version {FORMAT_VERSION}")
     if length > _MAX_HEADER:
         raise Damaged(f"header length {length} exceeds {_MAX_HEADER}")
     raw = f.read(length)
     if len(raw) != length:
         raise Damaged(f"truncated header ({len(raw)} of {length} bytes)")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise Damaged("malformed header (nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise Damaged(f"unreadable header ({e})") from None
     if not isinstance(header, dict):
@@ -179,20 +221,48 @@ def read_header(f) -> dict:
             raise Damaged(f"malformed header (field {name!r} missing or of the wrong type)")
     if header["format"] != version:
         raise Damaged(f"header says format {header['format']}, prefix says {version}")
+    if header["payload_size"] < 0 or not math.isfinite(header["created"]):
+        raise Damaged("malformed header (negative payload size or non-finite creation time)")
+    if _too_deep(header["versions"]) or _too_deep(header["info"]):
+        raise Damaged(f"malformed header (nested too deeply: more than {_MAX_DEPTH} levels)")
     return header
 
 
-def read_entry(f, key: str, secret: bytes) -> tuple[dict, bytes]:
-    """Fully verify an open entry and return (header, payload); raise Damaged on any failure."""
+def read_entry(f, key: str, secret: bytes, *, payload: bool = True) -> tuple[dict, bytes | None]:
+    """Fully verify an open entry and return (header, payload); raise as :func:`read_header`
+    does, or :class:`Damaged` on any failure of the payload.
+
+    The sizes are checked against the file before anything is read, and the checksum and tag
+    over the payload are computed in 1 MiB chunks: an entry that fails costs bounded memory
+    whatever its size. Only then is the payload read (``payload=False``: not read, None
+    returned) and its checksum compared once more, in case the file changed meanwhile.
+    """
     header = read_header(f)
     if header["key"] != key:
         raise Damaged(f"header belongs to key {header['key']!r}")
-    payload = f.read()
-    if len(payload) != header["payload_size"]:
-        raise Damaged(f"payload is {len(payload)} bytes, header says {header['payload_size']} (truncated?)")
-    if xxhash.xxh3_128_hexdigest(payload) != header["payload_xxh3_128"]:
-        raise Damaged("payload checksum mismatch")
+    start = f.tell()
+    size = os.fstat(f.fileno()).st_size - start
+    if size != header["payload_size"]:
+        raise Damaged(f"payload is {size} bytes, header says {header['payload_size']} (truncated?)")
     tag = header.pop("tag")
-    if not hmac.compare_digest(tag, _tag(secret, header, payload)):
+    mac = _mac(secret, header)
+    checksum = xxhash.xxh3_128()
+    remaining = size
+    while remaining:
+        block = f.read(min(_CHUNK, remaining))
+        if not block:
+            raise Damaged(f"truncated while being read ({size - remaining} of {size} payload bytes)")
+        checksum.update(block)
+        mac.update(block)
+        remaining -= len(block)
+    if checksum.hexdigest() != header["payload_xxh3_128"]:
+        raise Damaged("payload checksum mismatch")
+    if not hmac.compare_digest(tag, mac.hexdigest()):
         raise Damaged("authentication tag mismatch (tampered, or written with another key file)")
-    return header, payload
+    if not payload:
+        return header, None
+    f.seek(start)
+    data = f.read(size)
+    if len(data) != size or xxhash.xxh3_128_hexdigest(data) != header["payload_xxh3_128"]:
+        raise Damaged("changed while being read")
+    return header, data

@@ -12,6 +12,7 @@ import stat
 import tempfile
 
 __all__ = [
+    "UntrustedKeyFile",
     "cache_home",
     "default_cache_dir",
     "default_key_file",
@@ -90,8 +91,77 @@ def make_private_dir(path: pathlib.Path, mode: int = 0o700) -> None:
             os.chmod(p, mode)
 
 
+class UntrustedKeyFile(ValueError):
+    """The key file, or a directory above it, could be read or replaced by another user."""
+
+
+def _trusted_uids() -> set[int]:
+    return {os.geteuid(), 0}
+
+
+def _check_directories(path: pathlib.Path) -> None:
+    """Refuse a key file that another user could replace: every existing directory above it
+    (the link's and the target's, when it is a symbolic link) must belong to you or root and
+    be writable by nobody else, unless sticky (as /tmp: there only a file's owner can
+    rename or remove it)."""
+    chains = {pathlib.Path(os.path.realpath(path)).parent, pathlib.Path(os.path.realpath(path.parent))}
+    seen: set[pathlib.Path] = set()
+    for directory in chains:
+        for d in (directory, *directory.parents):
+            if d in seen:
+                continue
+            seen.add(d)
+            try:
+                st = os.stat(d)
+            except FileNotFoundError:
+                continue  # created later by make_private_dir, privately
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_uid not in _trusted_uids():
+                raise UntrustedKeyFile(
+                    f"key file {path} is refused: directory {d} belongs to uid {st.st_uid}, not to you "
+                    f"(uid {os.geteuid()}) or root, so its owner can replace the key; fix: keep the key "
+                    "file in a directory of your own (set TRT_SUBGRAPH_KEY_FILE)"
+                )
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                raise UntrustedKeyFile(
+                    f"key file {path} is refused: directory {d} is writable by other users (mode {mode:04o}), "
+                    f"so they can replace the key; fix: chmod go-w {d}, or keep the key file elsewhere "
+                    "(set TRT_SUBGRAPH_KEY_FILE)"
+                )
+
+
 def read_secret(path: pathlib.Path) -> bytes:
-    data = path.read_bytes()
+    """The 32-byte secret in ``path``, refused unless only you (and root) control it.
+
+    Like ssh with a private key, refuses (:class:`UntrustedKeyFile`, which names the file and
+    the fix) a key file that is not a regular file, belongs to another user (whoever created
+    it knows the key), is accessible to other users beyond reading by its group (mode bits
+    0o027), or lies in a directory that another user can write. Never blocks: a FIFO is opened
+    non-blocking and refused. Raises FileNotFoundError when it does not exist, ValueError
+    when it does not hold exactly 32 bytes.
+    """
+    _check_directories(path)
+    fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedKeyFile(
+                f"key file {path} is refused: it is not a regular file; fix: remove it (a new key is "
+                "created on next use) or set TRT_SUBGRAPH_KEY_FILE to a regular file"
+            )
+        if st.st_uid not in _trusted_uids():
+            raise UntrustedKeyFile(
+                f"key file {path} is refused: it belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}) "
+                "or root, and whoever created it knows the key; fix: remove it (a new key is created on next "
+                "use) or set TRT_SUBGRAPH_KEY_FILE to a key file of your own"
+            )
+        if mode & 0o027:
+            raise UntrustedKeyFile(
+                f"key file {path} is refused: other users can read or change it (mode {mode:04o}); "
+                f"fix: chmod 600 {path} (or 640 to share it with its group)"
+            )
+        data = f.read(SECRET_LEN + 1)
     if len(data) != SECRET_LEN:
         raise ValueError(f"key file {path} holds {len(data)} bytes, expected {SECRET_LEN}")
     return data
@@ -102,13 +172,15 @@ def load_or_create_secret(path: pathlib.Path) -> bytes:
 
     Creation writes a private temp file and hard-links it into place: like O_EXCL, exactly one
     racing process wins, and unlike a bare O_EXCL create nobody can read a half-written key.
-    The losers read the winner's key.
+    The losers read the winner's key. Raises as :func:`read_secret`; never creates a key in a
+    directory that another user can write.
     """
     try:
         return read_secret(path)
     except FileNotFoundError:
         pass
     make_private_dir(path.parent)
+    _check_directories(path)
     fd, tmp = tempfile.mkstemp(prefix=".cache.key.", dir=path.parent)  # O_EXCL
     try:
         os.fchmod(fd, 0o600)  # mkstemp's 0600 is still subject to the umask

@@ -1,8 +1,9 @@
-"""trt-subgraph: inspect the engine cache, check 2:4 sparsity, export subgraphs as ONNX, benchmark.
+"""trt-subgraph: inspect the engine cache, check 2:4 sparsity, export subgraphs as ONNX, compare
+pieces with PyTorch, benchmark.
 
-Every subcommand lives in its own module here (``cache``, ``sparsity``, ``export``, ``bench``)
-with an ``add_cli(subparsers)``. Building the parser and ``--help`` import no torch: commands
-import what they need when they run.
+Every subcommand lives in its own module here (``cache``, ``sparsity``, ``export``, ``compare``,
+``bench``) with an ``add_cli(subparsers)``. Building the parser and ``--help`` import no torch:
+commands import what they need when they run.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Any
 
 __all__ = ["HelpFormatter", "add_command", "build_parser", "main"]
 
-_SUBCOMMANDS = ("cache", "sparsity", "export", "bench")
+_SUBCOMMANDS = ("cache", "sparsity", "export", "compare", "bench")
 
 DESCRIPTION = """\
 Tools around the trt_subgraph torch.compile backend: inspect or clean the persistent engine
-cache, check which weights are 2:4 sparse, export each unique subgraph as ONNX, and benchmark
-repeated-block models across backends."""
+cache, check which weights are 2:4 sparse, export each unique subgraph as ONNX, find the piece
+that loses accuracy against PyTorch, and benchmark repeated-block models across backends."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

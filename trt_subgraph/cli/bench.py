@@ -23,6 +23,7 @@ examples:
   %(prog)s                                   # CPU: small encoder, depths 2,4, eager/inductor/trt_subgraph
   %(prog)s --models encoder --depths 4,8,16,32 --backends inductor,trt_subgraph --device cuda --out bench
   %(prog)s --model mypkg.models:make --backends eager,inductor   # factory(**kwargs) -> (model, inputs)
+  %(prog)s --models encoder,decoder --batches 1,2,3,4,8,16,5 --backends reduce-overhead,trt_subgraph --device cuda
 
 backends: eager, inductor, reduce-overhead, regional (each repeated block compiled alone with
 inductor), trt_subgraph, torch_tensorrt (if installed), compile:<name> (any torch.compile backend).
@@ -68,12 +69,23 @@ def _depths(s: str) -> list[int]:
     return depths
 
 
+def _size_list(s: str, flag: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] for --batches / --seqs (order kept: it is the call order)."""
+    try:
+        sizes = [int(x) for x in _csv(s)]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated positive ints, got {s!r}") from None
+    if not sizes:
+        raise ValueError(f"{flag} must be comma-separated positive ints, got {s!r}")
+    return sizes
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench options (shared by the subcommand and `python -m trt_subgraph.bench`)."""
     p.add_argument(
         "--models",
         help="built-in models, comma-separated: encoder, vit, resnet, decoder, "
-        "mlp (default: encoder, unless --model is given)",
+        "mlp, efficientnet, mobilenetv3 (default: encoder, unless --model is given)",
     )
     p.add_argument(
         "--model",
@@ -95,17 +107,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--depths",
         help="blocks to sweep, comma-separated (default: 2,4 on CPU; the model's own "
-        "depth on CUDA). resnet: blocks per stage",
+        "depth on CUDA). resnet, efficientnet: blocks per stage; mobilenetv3: length of each run of "
+        "identical blocks",
     )
     for name, what in (
-        ("width", "model width (resnet: base channels)"),
+        ("width", "model width (resnet: base channels; efficientnet, mobilenetv3: stem channels)"),
         ("batch", "batch size"),
         ("seq", "sequence length (encoder, decoder)"),
-        ("image", "image size (vit, resnet)"),
+        ("image", "image size (vit, resnet, efficientnet, mobilenetv3)"),
     ):
         p.add_argument(
             f"--{name}", type=int, help=f"{what} (default: small on CPU, the model's GPU benchmark size on CUDA)"
         )
+    p.add_argument(
+        "--batches",
+        metavar="B,B,...",
+        help="dynamic shapes: call each case's one compiled model at these batch sizes, in this order "
+        "(first and second call per size, then latency per size once all were seen); rows per size; "
+        "excludes --batch and --seqs (default: one batch size)",
+    )
+    p.add_argument(
+        "--seqs",
+        metavar="S,S,...",
+        help="dynamic shapes: as --batches, over sequence lengths (encoder, decoder, --model factories); "
+        "the model is built for the longest; excludes --seq and --batches (default: one length)",
+    )
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="torch.compile(..., dynamic=True) for every compiling backend (default: torch.compile's "
+        "default: static first, automatic dynamic from the first recompile)",
+    )
     p.add_argument(
         "--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU"
     )
@@ -186,6 +218,9 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
         batch=args.batch,
         seq=args.seq,
         image=args.image,
+        batches=_size_list(args.batches, "--batches") if args.batches is not None else None,
+        seqs=_size_list(args.seqs, "--seqs") if args.seqs is not None else None,
+        dynamic=args.dynamic,
         model_kwargs=parse_kv(args.model_kwargs),
         repeats=args.repeats if args.repeats is not None else (100 if cuda else 20),
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 3),

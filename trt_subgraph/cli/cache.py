@@ -26,19 +26,46 @@ def _human_size(n: int) -> str:
     return f"{n} B" if i == 0 else f"{x:.1f} {units[i]}"
 
 
+def _shown(text: str) -> str:
+    """``text`` with control characters escaped: a planted header cannot drive the terminal."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    try:
+        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds
+        return "-"
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache import DiskCache
-
+    if not args.dir:
+        print("error: --dir is empty (an unset shell variable?); give the cache directory", file=sys.stderr)
+        return 2
     directory = pathlib.Path(args.dir).expanduser()
+    try:
+        return _run(args, directory)
+    except BrokenPipeError:  # `cache ls | head`: the command line's handler ends quietly
+        raise
+    except OSError as e:
+        print(f"error: cannot use the cache directory {directory}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, directory: pathlib.Path) -> int:
+    from ..cache import DEFAULT_SIZE_LIMIT, DiskCache, default_key_file
+
     if not directory.is_dir():  # do not create a cache just to look at it
         empty = {
             "ls": [],
-            "stats": {"entries": 0, "bytes": 0, "directory": str(directory)},
-            "verify": {"ok": [], "removed": []},
+            "stats": {
+                "entries": 0,
+                "bytes": 0,
+                "limit": DEFAULT_SIZE_LIMIT,
+                "directory": str(directory.absolute()),
+                "key_file": str(default_key_file()),
+            },
+            "verify": {"ok": [], "removed": [], "skipped": []},
         }.get(args.cache_command)
         print(json.dumps(empty) if getattr(args, "json", False) else f"no cache at {directory}")
         return 0
@@ -46,11 +73,18 @@ def run(args: argparse.Namespace) -> int:
     if args.cache_command == "ls":
         infos = sorted(cache.entries(), key=lambda e: e.last_used, reverse=True)
         if args.json:
-            print(json.dumps([{**dataclasses.asdict(e), "path": str(e.path)} for e in infos], indent=2))
+            listing = [{**dataclasses.asdict(e), "path": str(e.path)} for e in infos]
+            print(json.dumps(listing, indent=2, allow_nan=False))
             return 0
         rows = [("KEY", "FINGERPRINT", "ENGINE", "SIZE", "LAST USE")]
         rows += [
-            (e.key, str(e.info.get("fingerprint", "-")), e.engine, _human_size(e.size), _when(e.last_used))
+            (
+                e.key,
+                _shown(str(e.info.get("fingerprint", "-"))),
+                _shown(e.engine),
+                _human_size(e.size),
+                _when(e.last_used),
+            )
             for e in infos
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -81,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             for key, reason in result["removed"]:
                 print(f"removed  {key}  {reason}")
-            print(f"{len(result['ok'])} ok, {len(result['removed'])} damaged")
+            for key, reason in result["skipped"]:
+                print(f"skipped  {key}  {reason}")
+            print(f"{len(result['ok'])} ok, {len(result['removed'])} damaged, {len(result['skipped'])} skipped")
         return 1 if result["removed"] else 0
     n = cache.clear()
     print(f"removed {n} entries from {cache.directory}")
@@ -111,7 +147,8 @@ def add_cli(subparsers: Any) -> None:
     command(
         "verify",
         [common, with_json],
-        "check every entry, remove damaged ones (exit 1 if any, 2 if the key file is unusable)",
+        "check every entry, remove damaged ones, skip other formats and files that are not entries "
+        "(exit 1 if any was damaged, 2 if the key file is unusable)",
     )
-    command("clear", [common], "remove every entry")
+    command("clear", [common], "remove every entry (of any format version)")
     p.set_defaults(func=run)

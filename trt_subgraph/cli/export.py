@@ -10,12 +10,15 @@ from typing import Any
 from . import add_command
 
 DESCRIPTION = """\
-Write each unique subgraph of a model as one ONNX file, for building with trtexec or Polygraphy.
+Write each unique subgraph of a model as one ONNX file and every instance's weights, for building
+one TensorRT engine per subgraph and refitting it per instance.
 
-Each file is named after the subgraph's fingerprint and holds the first instance's weights as
-initializers named by position (w_0, w_1, ...), the same names for every instance, so an engine
-built from one file can be refit with any instance's weights (TensorRT's ONNX refitter matches
-initializers by name). index.json lists each file with its instance count, inputs and outputs.
+Each ONNX file is named after the subgraph's fingerprint and holds the first instance's weights as
+initializers named by position (w_0, w_1, ...), the same names for every instance. Instance i's
+weights are in <fingerprint>.<i>.safetensors under those names. index.json lists each file with
+its inputs and outputs, each instance's module path and the model parameter behind every w_k, and
+the commands that build an engine with trt_refit.py (written next to the files) and refit a copy
+of it per instance (TensorRT's ONNX refitter, which matches initializers by name).
 
 The factory is called without arguments and returns (model, example_inputs); its module is
 looked up on the import path and in the current directory."""
@@ -26,7 +29,7 @@ def add_cli(subparsers: Any) -> None:
     parser = add_command(
         subparsers,
         "export",
-        help="write each unique subgraph of a model as ONNX (canonical initializer names)",
+        help="write each unique subgraph of a model as ONNX, with every instance's weights",
         description=DESCRIPTION,
     )
     parser.add_argument("--onnx", required=True, type=Path, metavar="DIR", help="output directory")
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for entry in index["subgraphs"]:
         weights = sum(name.startswith("w_") for name in entry["initializers"])
-        print(f"{entry['file']}  instances={entry['instances']}  weights={weights}")
+        paths = ", ".join(i["module_path"] or "(model)" for i in entry["instance_weights"])
+        print(f"{entry['file']}  instances={entry['instances']}  weights={weights}  modules: {paths}")
     print(f"{len(index['subgraphs'])} unique subgraphs, index: {Path(args.onnx) / 'index.json'}")
     return 0

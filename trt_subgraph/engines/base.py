@@ -7,6 +7,7 @@ artifact it builds for one block is valid for every structurally identical block
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import operator
 from collections.abc import Callable
@@ -19,6 +20,10 @@ from .._compat import OpOverload
 from ..fx_utils import placeholders
 
 WEIGHT, ACTIVATION, SYMINT = "weight", "activation", "symint"
+
+#: The ``meta["custom"]`` key that marks a Dynamo node whose op ``torch_executed_ops`` names and
+#: tracing decomposes (``aten.linear``); tracing copies it onto every ATen node traced from it.
+TORCH_EXECUTED = "trt_subgraph.torch_executed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +64,24 @@ class Engine(abc.ABC):
     #: Artifacts can be kept in the disk cache (``serialize`` returns bytes). When False the
     #: disk cache is not consulted for this engine at all.
     persistable: ClassVar[bool] = False
+    #: ``build`` needs the canonical subgraph only (it ignores ``weights``), so it can run in a
+    #: worker process that returns the ``serialize``d artifact (``trt_subgraph.workers``).
+    #: Requires ``persistable``.
+    builds_in_workers: ClassVar[bool] = False
     #: Builds 2:4 sparse kernels where a weight is 2:4; the constructor then takes ``sparse``
     #: (whether it may), which the ``sparsity`` option sets.
     sparse_weights: ClassVar[bool] = False
     #: Compiles ``trt_subgraph::sparse_linear`` (cuSPARSELt), so the pipeline may route 2:4
-    #: linears of the graph through that op before the pieces reach the engine.
+    #: linears (and 1x1 convolutions, linears over channels) through that op before the pieces
+    #: reach the engine.
     supports_sparse_linears: ClassVar[bool] = False
     #: How graphs that need gradients run, since engines are inference-only: ``"inductor"``
     #: (its differentiable compile) or ``"eager"`` (the Dynamo graph as it is).
     differentiable_fallback: ClassVar[str] = "inductor"
+    #: Takes activations in the layout they arrive in and returns outputs with the strides of
+    #: the subgraph's metadata, so a graph made channels-last (option ``memory_format``) needs
+    #: no copies between pieces. Engines that take contiguous tensors leave this False.
+    keeps_layout: ClassVar[bool] = False
 
     def __init__(self, *, torch_executed_ops: frozenset[str] = frozenset()) -> None:
         self.torch_executed_ops = torch_executed_ops
@@ -100,8 +114,18 @@ class Engine(abc.ABC):
             return True
         if not isinstance(node.target, OpOverload) or node.target.namespace not in self.namespaces:
             return False
+        return not self.torch_executed(node)
+
+    def torch_executed(self, node: torch.fx.Node) -> bool:
+        """Whether the ``torch_executed_ops`` option keeps this ATen node in PyTorch: it names the
+        node's op, or the op that tracing decomposed into this node (see :data:`TORCH_EXECUTED`)."""
+        if not isinstance(node.target, OpOverload):
+            return False
         names = {str(node.target), str(node.target.overloadpacket)}
-        return not names & self.torch_executed_ops
+        custom = node.meta.get("custom")
+        if isinstance(custom, dict) and TORCH_EXECUTED in custom:
+            names.add(custom[TORCH_EXECUTED])
+        return bool(names & self.torch_executed_ops)
 
     @abc.abstractmethod
     def build(self, sub: CanonicalSubgraph, weights: list[torch.Tensor]) -> Any:
@@ -110,6 +134,20 @@ class Engine(abc.ABC):
     def serialize(self, artifact: Any) -> bytes | None:
         """Bytes for the disk cache, or None when this artifact cannot be persisted (only
         called when ``persistable``)."""
+        return None
+
+    def loads_concurrently(self) -> bool:
+        """Whether ``deserialize`` may run in several threads at once (inside :meth:`loading`)."""
+        return False
+
+    def loading(self) -> contextlib.AbstractContextManager:
+        """A context held around a batch of ``deserialize`` calls."""
+        return contextlib.nullcontext()
+
+    def attach_disk_cache(self, disk: Any) -> None:
+        """Called with the disk cache (a ``trt_subgraph.cache.DiskCache``) that keeps this
+        engine's artifacts, before any key is made for it: an engine may keep and restore there
+        what it needs per machine besides its artifacts. Only called when ``persistable``."""
         return None
 
     def deserialize(self, payload: bytes, sub: CanonicalSubgraph) -> Any:

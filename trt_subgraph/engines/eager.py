@@ -13,6 +13,7 @@ from .base import CanonicalSubgraph, Engine
 class EagerEngine(Engine):
     name = "eager"
     differentiable_fallback = "eager"
+    keeps_layout = True
 
     def build(self, sub: CanonicalSubgraph, weights: list[torch.Tensor]) -> Any:
         return sub.gm

@@ -2,42 +2,59 @@
 
 Weights stay graph inputs, so one compiled artifact serves every instance and is never stale:
 each call reads whatever the instance's parameters hold now. Artifacts persist through
-``standalone_compile``'s binary format.
+``standalone_compile``'s binary format; from torch 2.10 they are AOTCompiledArtifacts
+(``aot=True``), which load in memory, several at once. A subgraph with symbolic sizes compiles
+once for every size in its range, on size symbols of its own (`trt_subgraph.symbolic`). An
+artifact carries the compiled libraries of its C++ (CPU) kernels, so loading it compiles none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import os
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 import torch
 
-from .. import _compat
+from .. import _compat, symbolic
+from .._state import warn_once
+from ..cache import make_key
 from ..sparse import runtime as sparse_runtime
 from ..sparse.analysis import analyze_weight
-from .base import SYMINT, CanonicalSubgraph, Engine
+from .base import CanonicalSubgraph, Engine
+
+log = logging.getLogger(__name__)
 
 
 class InductorEngine(Engine):
     name = "inductor"
     persistable = True
+    builds_in_workers = True
+    keeps_layout = True  # compiled for the example inputs' strides; outputs keep the graph's strides
     sparse_weights = True
     supports_sparse_linears = True
+    _disk: Any = None  # the disk cache of :meth:`attach_disk_cache`
 
     def __init__(self, *, torch_executed_ops: frozenset[str] = frozenset(), sparse: bool = False) -> None:
         super().__init__(torch_executed_ops=torch_executed_ops)
         self.sparse = sparse
 
     def weight_variant(self, weight: torch.Tensor) -> str | None:
-        """Whether a linear weight is 2:4 where cuSPARSELt runs: the pipeline then may route it there."""
-        if not self.sparse or weight.dim() != 2 or weight.dtype not in sparse_runtime.CSLT_DTYPES:
+        """Whether a linear weight, or a 1x1 convolution's, is 2:4 where cuSPARSELt runs: the
+        pipeline then may route it there."""
+        linear = weight.dim() == 2 or (weight.dim() >= 3 and all(k == 1 for k in weight.shape[2:]))
+        if not self.sparse or not linear or weight.dtype not in sparse_runtime.CSLT_DTYPES:
             return None
         if sparse_runtime.unavailable_reason(weight.device) is not None:
             return None
-        return "2:4" if analyze_weight(weight, kind="linear").pattern_ok else "dense"
+        return "2:4" if analyze_weight(weight.reshape(weight.shape[0], -1), kind="linear").pattern_ok else "dense"
 
     def codegen_key(self, sub: CanonicalSubgraph) -> dict[str, Any]:
         """CPU kernels are generated for one vector ISA and compiled by the local C++ compiler;
@@ -45,6 +62,8 @@ class InductorEngine(Engine):
         devices = {v.device.type for v in sub.example_inputs if isinstance(v, torch.Tensor)}
         key: dict[str, Any] = {}
         if "cpu" in devices:
+            if self._disk is not None:
+                _restore_vec_isa_checks(self._disk)
             key["cpu"] = _compat.cpu_codegen_key()
         if "cuda" in devices:
             key["cuda"] = {"cuda": torch.version.cuda, "triton": _version_of("triton")}
@@ -53,29 +72,226 @@ class InductorEngine(Engine):
     def settings(self) -> dict[str, Any]:
         return {"engine": self.name, "inductor_config": _compat.inductor_config_key()}
 
+    def loads_concurrently(self) -> bool:
+        """Loads are thread-safe: AOTCompiledArtifacts (torch >= 2.10) load in memory at once,
+        artifacts of the older format one at a time (`trt_subgraph._compat.load_compiled_artifact`)."""
+        return True
+
+    def loading(self) -> Any:
+        return _compat.loading_artifacts()
+
+    def attach_disk_cache(self, disk: Any) -> None:
+        """Keep inductor's vector-ISA check programs in `disk` (see :func:`_restore_vec_isa_checks`)."""
+        self._disk = disk
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker process gets the engine without the cache
+        return {**self.__dict__, "_disk": None}
+
     def build(self, sub: CanonicalSubgraph, weights: list[torch.Tensor]) -> Any:
-        dynamic = any(kind == SYMINT for kind in sub.input_kinds) or any(
-            isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape)
-            for v in sub.example_inputs
-        )
-        return _compat.standalone_compile(sub.gm, sub.example_inputs, dynamic=dynamic)
+        """The compiled artifact (see :meth:`_compile`); the libraries of the C++ kernels it
+        calls are kept with it (:func:`_cpu_kernels_section`)."""
+        with _compat.recording_cpu_kernels() as kernels:
+            artifact = self._compile(sub)
+        _keep_cpu_kernels(artifact.compiled if isinstance(artifact, Guarded) else artifact, kernels)
+        return artifact
+
+    def _compile(self, sub: CanonicalSubgraph) -> Any:
+        """The compiled artifact; for symbolic sizes, compiled on a ShapeEnv of its own (see
+        `trt_subgraph.symbolic`), as a :class:`Guarded` when the compile assumed more about the
+        sizes than their ranges and relations."""
+        if not symbolic.is_symbolic(sub.example_inputs):
+            return _compat.standalone_compile(sub.gm, sub.example_inputs)
+        detached = symbolic.detach(sub.example_inputs)
+        compiled = _compat.standalone_compile(sub.gm, detached.inputs, fake_mode=detached.fake_mode)
+        guards = detached.added_guards()
+        return compiled if guards is None else Guarded(compiled, guards)
 
     def serialize(self, artifact: Any) -> bytes | None:
+        compiled, guards = (artifact.compiled, artifact.guards) if isinstance(artifact, Guarded) else (artifact, None)
         with tempfile.TemporaryDirectory(prefix="trt_subgraph_") as tmp:
             path = os.path.join(tmp, "artifact.bin")
-            artifact.save(path=path, format="binary")
+            compiled.save(path=path, format="binary")
             with open(path, "rb") as f:
-                return f.read()
+                blob = _cpu_kernels_section(compiled) + f.read()
+        if guards is None:
+            return blob
+        text = guards.encode()
+        return _GUARDS_HEADER + len(text).to_bytes(8, "little") + text + blob
 
     def deserialize(self, payload: bytes, sub: CanonicalSubgraph) -> Any:
-        with tempfile.TemporaryDirectory(prefix="trt_subgraph_") as tmp:
-            path = os.path.join(tmp, "artifact.bin")
-            with open(path, "wb") as f:
-                f.write(payload)
-            return _compat.load_compiled_artifact(path)
+        guards = None
+        if payload.startswith(_GUARDS_HEADER):
+            start = len(_GUARDS_HEADER) + 8
+            end = start + int.from_bytes(payload[len(_GUARDS_HEADER) : start], "little")
+            if end > len(payload):
+                raise ValueError("the guards section runs past the end of the payload")
+            guards, payload = payload[start:end].decode(), payload[end:]
+        compiled = _load_with_cpu_kernels(payload)
+        return compiled if guards is None else Guarded(compiled, guards)
 
     def bind(self, artifact: Any, sub: CanonicalSubgraph) -> Callable[..., tuple]:
-        return artifact
+        return GuardedRunner(artifact, sub) if isinstance(artifact, Guarded) else artifact
+
+
+# A cache payload that starts with this holds the guards (8-byte length, UTF-8) before the rest.
+# Inductor's binary format starts with an 8-byte length, so the two never look alike.
+_GUARDS_HEADER = b"trt_subgraph guards "
+# Then, where the artifact calls C++ kernels, this, an 8-byte length and the kernels' libraries
+# (:func:`_pack_files`), before inductor's bytes.
+_CPU_KERNELS_HEADER = b"trt_subgraph cpu kernels "
+# The libraries of the C++ kernels that each artifact built or loaded here calls.
+_CPU_KERNELS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+_VEC_ISA_LOCK = threading.Lock()
+_VEC_ISA_TRIED = False
+
+
+def _cpu_kernels_section(compiled: Any) -> bytes:
+    """The payload section with the libraries of `compiled`'s C++ kernels; empty when it calls
+    none (GPU artifacts) or they are gone from inductor's cache directory."""
+    files: dict[str, bytes] = {}
+    try:
+        paths = _CPU_KERNELS.get(compiled, ())
+    except TypeError:  # an artifact without weak references: never kept
+        paths = ()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                files[_compat.inductor_file_name(path)] = f.read()
+        except OSError as exc:
+            log.info("trt_subgraph: kernel library %s not kept with its artifact (%s); a load compiles it", path, exc)
+    if not files:
+        return b""
+    packed = _pack_files(files)
+    return _CPU_KERNELS_HEADER + len(packed).to_bytes(8, "little") + packed
+
+
+def _keep_cpu_kernels(compiled: Any, paths: list[str]) -> None:
+    if paths:
+        with contextlib.suppress(TypeError):  # an artifact without weak references: loads compile
+            _CPU_KERNELS[compiled] = paths
+
+
+def _load_with_cpu_kernels(payload: bytes) -> Any:
+    """Load an artifact whose payload may start with a :func:`_cpu_kernels_section`: the
+    libraries go back into inductor's cache directory first, so the load compiles no kernel
+    (and, with them there, precompiles no header either)."""
+    restored = payload.startswith(_CPU_KERNELS_HEADER)
+    if restored:
+        start = len(_CPU_KERNELS_HEADER) + 8
+        end = start + int.from_bytes(payload[len(_CPU_KERNELS_HEADER) : start], "little")
+        if end > len(payload):
+            raise ValueError("the kernel libraries section runs past the end of the payload")
+        _compat.restore_inductor_files(_unpack_files(payload[start:end]))
+        payload = payload[end:]
+    headers = _compat.without_header_precompiling() if restored else contextlib.nullcontext()
+    with _compat.recording_cpu_kernels() as kernels, headers:
+        compiled = _load(payload)
+    _keep_cpu_kernels(compiled, kernels)
+    return compiled
+
+
+def _pack_files(files: dict[str, bytes]) -> bytes:
+    """Named files as bytes: for each, its UTF-8 name and its contents, each after its length
+    (2 and 8 bytes, little-endian)."""
+    out = bytearray()
+    for name, data in sorted(files.items()):
+        raw = name.encode()
+        out += len(raw).to_bytes(2, "little") + raw + len(data).to_bytes(8, "little") + data
+    return bytes(out)
+
+
+def _unpack_files(packed: bytes) -> dict[str, bytes]:
+    """The files of :func:`_pack_files`; ValueError when the bytes are not such."""
+    files: dict[str, bytes] = {}
+    at = 0
+    while at < len(packed):
+        size = int.from_bytes(packed[at : at + 2], "little")
+        name, at = packed[at + 2 : at + 2 + size].decode(), at + 2 + size
+        length = int.from_bytes(packed[at : at + 8], "little")
+        data, at = packed[at + 8 : at + 8 + length], at + 8 + length
+        if at > len(packed):
+            raise ValueError("packed files end in the middle of a file")
+        files[name] = data
+    return files
+
+
+def _restore_vec_isa_checks(disk: Any) -> None:
+    """Before inductor first picks its CPU vector ISA in this process, put back the check
+    programs an earlier process kept in the disk cache (one small library per candidate ISA,
+    which the pick would otherwise compile: with an empty inductor cache, at every start), or
+    keep this process's when none are kept. They are keyed by what names them in inductor's
+    cache (compiler, torch version); the pick still loads each in a child process. Tried once
+    per process; a failure costs only those compiles."""
+    global _VEC_ISA_TRIED
+    with _VEC_ISA_LOCK:
+        if _VEC_ISA_TRIED or _compat.vec_isa_picked():
+            return
+        _VEC_ISA_TRIED = True
+        try:
+            key = make_key({"kind": "inductor vector-ISA checks", **_compat.vec_isa_checks_key()})
+            payload = disk.get(key)
+            if payload is not None:
+                _compat.restore_inductor_files(_unpack_files(payload))
+                return
+            files = {}
+            for path in _compat.pick_vec_isa_recording_checks():
+                with open(path, "rb") as f:
+                    files[_compat.inductor_file_name(path)] = f.read()
+            if files:
+                meta = {"engine": "inductor", "versions": {"torch": torch.__version__}, "info": {"kind": "ISA checks"}}
+                disk.put(key, _pack_files(files), meta)
+        except Exception as exc:
+            log.warning("trt_subgraph: inductor's vector-ISA checks were not restored or kept (%s)", exc)
+
+
+@dataclasses.dataclass
+class Guarded:
+    """An artifact compiled for symbolic sizes that is valid only where `guards` holds: a Python
+    expression over the inputs (see `trt_subgraph.symbolic.Detached.added_guards`)."""
+
+    compiled: Any
+    guards: str
+
+
+class GuardedRunner:
+    """Runs a :class:`Guarded` artifact where its guards hold and the canonical subgraph in
+    PyTorch elsewhere (warned once per fingerprint): correct for every size in range."""
+
+    def __init__(self, artifact: Guarded, sub: CanonicalSubgraph) -> None:
+        self.compiled = artifact.compiled
+        self.guards = artifact.guards
+        self.check = _compat.guards_checker(artifact.guards)
+        self.canonical = sub.gm
+        self.fingerprint = sub.fingerprint
+
+    def __call__(self, *args: Any) -> Any:
+        if self.check(list(args)):
+            return self.compiled(*args)
+        warn_once(
+            log,
+            ("guards", self.fingerprint),
+            "trt_subgraph: subgraph %s was compiled for sizes where %s; these inputs are outside it, "
+            "so it runs in PyTorch for them",
+            self.fingerprint,
+            self.guards,
+        )
+        return self.canonical(*args)
+
+
+def _load(payload: bytes) -> Any:
+    """Load a saved artifact from its bytes. Where the system has anonymous files (Linux), from
+    one of those, which nothing outlives: a process killed while loading leaves no temporary
+    directory behind."""
+    if hasattr(os, "memfd_create"):
+        with os.fdopen(os.memfd_create("trt_subgraph_artifact", os.MFD_CLOEXEC), "wb") as f:
+            f.write(payload)
+            f.flush()
+            return _compat.load_compiled_artifact(f"/proc/self/fd/{f.fileno()}")
+    with tempfile.TemporaryDirectory(prefix="trt_subgraph_") as tmp:
+        path = os.path.join(tmp, "artifact.bin")
+        with open(path, "wb") as f:
+            f.write(payload)
+        return _compat.load_compiled_artifact(path)
 
 
 def _version_of(distribution: str) -> str | None:

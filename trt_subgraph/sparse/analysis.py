@@ -13,11 +13,13 @@ it on the ATen weights it sees; `check`, `prune_2_4` and `check_onnx` wrap it fo
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -75,6 +77,11 @@ class LayerSparsity:
     large_enough: bool
     likely_to_help: bool
     reason: str | None
+    # Set by `check` and `prune_2_4` for a module's layer: the other parameters and buffers of
+    # the model that share this weight's memory (tied weights), and whether the weight is
+    # computed from others (weight_norm, a torch.nn.utils.parametrize parametrization).
+    shared_with: tuple[str, ...] = ()
+    computed: bool = False
 
     @property
     def violating_fraction(self) -> float:
@@ -84,6 +91,7 @@ class LayerSparsity:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["shared_with"] = list(self.shared_with)
         d["violating_fraction"] = self.violating_fraction
         return d
 
@@ -279,7 +287,7 @@ class SparsityTable:
                 _fmt_pct(r.violating_fraction),
                 yes[r.eligible],
                 yes[r.likely_to_help],
-                r.reason or "",
+                "; ".join(filter(None, [r.reason, *_notes(r)])),
             )
             for r in self.rows
         ]
@@ -309,17 +317,67 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _analyze_module(name: str, mod: nn.Module) -> LayerSparsity:
+def _analyze_module(name: str, mod: nn.Module, tensors: dict[str, torch.Tensor]) -> LayerSparsity:
     if isinstance(mod, _CONVS):
-        return analyze_weight(mod.weight, kind="conv", name=name, groups=mod.groups)
-    return analyze_weight(mod.weight, kind="linear", name=name)
+        row = analyze_weight(mod.weight, kind="conv", name=name, groups=mod.groups)
+    else:
+        row = analyze_weight(mod.weight, kind="linear", name=name)
+    return replace(row, shared_with=_shared_with(f"{name}.weight", mod.weight, tensors), computed=_computed(mod))
+
+
+def _notes(row: LayerSparsity) -> list[str]:
+    notes = [f"weight shared with {', '.join(row.shared_with)}"] if row.shared_with else []
+    return notes + (["weight computed by a parametrization"] if row.computed else [])
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` by name, a tied one under each of its names."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: t for name, t in named if t is not None}
+
+
+def _shared_with(name: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The names in `tensors` other than `name` whose memory overlaps `weight`'s."""
+    return tuple(other for other, t in tensors.items() if other != name and _overlap(weight, t))
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    if a.device != b.device or not a.numel() or not b.numel() or a.layout != torch.strided or b.layout != torch.strided:
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except RuntimeError:  # no storage (a tensor subclass): only the same object is shared
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.storage_offset() * t.element_size()
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+        return start, start + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _computed(mod: nn.Module) -> bool:
+    """Whether the module's weight is computed from other tensors (a parametrization, or a hook
+    such as ``weight_norm``'s) rather than held as its own parameter: pruning it would not last."""
+    return mod._parameters.get("weight") is not mod.weight
 
 
 def check(model: nn.Module) -> SparsityTable:
     """2:4 verdict for every Conv1d/2d/3d and Linear of `model` (named by module path), without
     compiling, so users can see which layers TensorRT could run sparse and why the others cannot.
-    Rows follow `named_modules()` order."""
-    return SparsityTable(_analyze_module(name, mod) for name, mod in _layers(model))
+    Rows follow `named_modules()` order. Each row also names the model's other parameters and
+    buffers that share the layer's weight (``shared_with``: tied weights, such as an output
+    head tied to an embedding) and says whether the weight is computed by a parametrization
+    (``computed``: ``weight_norm``, ``torch.nn.utils.parametrize``); :func:`prune_2_4` skips
+    such layers."""
+    layers = _layers(model)
+    tensors = _tensors(model)
+    return SparsityTable(_analyze_module(name, mod, tensors) for name, mod in layers)
 
 
 @dataclass(frozen=True)
@@ -342,9 +400,15 @@ def prune_2_4(model: nn.Module, *, layers: Iterable[str] | None = None) -> Prune
 
     Keeps the 2 largest |w| of each group of 4 consecutive input channels at each (k, r, s), ties
     to the lower channel, like apex ASP's `m4n2_1d`. `layers` restricts pruning to those module
-    paths (default: every Conv1d/2d/3d and Linear). Layers TensorRT cannot run sparse (grouped or
-    depthwise convs, input channels not a multiple of 4) are skipped and listed, with one warning.
-    Dtype, device and requires_grad are unchanged.
+    paths (default: every Conv1d/2d/3d and Linear). Skipped and listed, with one warning: layers
+    TensorRT cannot run sparse (grouped or depthwise convs, input channels not a multiple of 4);
+    layers whose weight shares memory with a tensor that is not the weight of another layer being
+    pruned (an output head tied to an embedding table: pruning would zero half of the table);
+    layers whose weight is computed by a parametrization (``weight_norm``,
+    ``torch.nn.utils.parametrize``: pruning the computed tensor would not last; remove the
+    parametrization first); and any layer that is still not 2:4 after pruning. Layers that share
+    one weight and are all pruned get one mask. Dtype, device and requires_grad are unchanged.
+    Raises ValueError for a name in `layers` that is not a Conv1d/2d/3d or Linear of `model`.
 
     Pruning a trained model loses accuracy: follow apex ASP's recipe (train dense, prune once,
     fine-tune with the original schedule while keeping the zeros, e.g. by multiplying each weight
@@ -365,25 +429,44 @@ def prune_2_4(model: nn.Module, *, layers: Iterable[str] | None = None) -> Prune
 
     pruned: list[str] = []
     skipped: dict[str, str] = {}
+    tensors = _tensors(model)
+    targets = {f"{name}.weight" for name, _ in available}
+    masked: set[int] = set()
     with torch.no_grad():
         for name, mod in available:
             w = mod.weight
             is_conv = isinstance(mod, _CONVS)
+            shared = _shared_with(f"{name}.weight", w, tensors)
+            outside = [other for other in shared if other not in targets or tensors[other] is not w]
             if is_conv and mod.groups > 1:
                 skipped[name] = _grouped_reason(mod.groups, w.shape[1])
-                continue
-            if w.shape[1] % 4:
+            elif w.shape[1] % 4:
                 skipped[name] = _channels_reason(w.shape[1], 1)
-                continue
-            w.mul_(mask_2_4(w, kind="conv" if is_conv else "linear"))
-            pruned.append(name)
+            elif _computed(mod):
+                skipped[name] = (
+                    "weight computed by a parametrization (weight_norm, torch.nn.utils.parametrize); "
+                    "remove it first (torch.nn.utils.parametrize.remove_parametrizations)"
+                )
+            elif outside:
+                skipped[name] = (
+                    f"weight shared with {', '.join(outside)} (tied weights), which pruning would change too"
+                )
+            else:
+                if id(w) not in masked:  # layers sharing one weight: one mask
+                    w.mul_(mask_2_4(w, kind="conv" if is_conv else "linear"))
+                    masked.add(id(w))
+                pruned.append(name)
+    table = SparsityTable(_analyze_module(n, m, tensors) for n, m in available)
+    for row in table:
+        if row.name in pruned and not row.pattern_ok:
+            pruned.remove(row.name)
+            skipped[row.name] = f"still not 2:4 after pruning ({row.reason})"
     if skipped:
         log.warning(
             "prune_2_4 skipped %d layer(s) it cannot prune to 2:4: %s",
             len(skipped),
             "; ".join(f"{n} ({r})" for n, r in skipped.items()),
         )
-    table = SparsityTable(_analyze_module(n, m) for n, m in available)
     return PruneReport(pruned=tuple(pruned), skipped=skipped, table=table)
 
 
@@ -453,13 +536,17 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
     Covers Conv W (axis 1 = C, `group` attribute), Gemm B (reduction axis 1 when transB, else 0)
     and 2-D MatMul B (reduction axis 0), when that input is an initializer or Constant, or the
     output of a DequantizeLinear of one (Q/DQ INT8 models: the integer weights are checked).
-    Rows are named by the weight's name and follow the graph's node order; a weight shared by
-    several nodes is reported once.
+    Rows follow the graph's node order; a weight shared by several nodes is reported once. A row
+    is named after the weight's source: a constant that torch.onnx's optimizer folded (the
+    transposed weight of a MatMul, named ``val_N``) is traced back to the initializer it was
+    folded from, and a trailing ``.weight`` is dropped, so a file exported from PyTorch names its
+    rows by module path, as :func:`check` does.
     """
     from onnx import helper
 
     model = _load_onnx(path_or_model)
     graph = model.graph
+    sources = _folded_sources(model)
     consts: dict[str, Any] = {t.name: t for t in graph.initializer}
     dequant: dict[str, str] = {}
     for node in graph.node:
@@ -488,10 +575,49 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
         if weight is None:
             continue
         seen.add(src)
+        name = _layer_name(sources.get(src, src))
         if node.op_type == "Conv":
-            rows.append(analyze_weight(weight, kind="conv", name=src, groups=int(attrs.get("group", 1))))
+            rows.append(analyze_weight(weight, kind="conv", name=name, groups=int(attrs.get("group", 1))))
         elif node.op_type == "Gemm":
-            rows.append(analyze_weight(weight, kind="gemm", name=src, trans_b=bool(attrs.get("transB", 0))))
+            rows.append(analyze_weight(weight, kind="gemm", name=name, trans_b=bool(attrs.get("transB", 0))))
         else:
-            rows.append(analyze_weight(weight, kind="matmul", name=src))
+            rows.append(analyze_weight(weight, kind="matmul", name=name))
     return SparsityTable(rows)
+
+
+# onnxscript's constant folder (torch.onnx's optimizer) records on every folded value the names
+# of the values it was computed from, as the repr of a sorted list.
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+_SIGNATURE = "pkg.torch.export.ExportedProgram.graph_signature"
+
+
+def _folded_sources(model: Any) -> dict[str, str]:
+    """Folded value name -> the one original value it was folded from (where that is clear).
+
+    The record also lists intermediate folded values and helper constants (a Reshape's shape);
+    the original is the one listed value not folded itself, or, when several are, the one that is
+    a parameter or buffer in the exported program's graph signature.
+    """
+    folded: dict[str, list[str]] = {}
+    for value in [*model.graph.value_info, *model.graph.initializer]:
+        for prop in getattr(value, "metadata_props", ()):
+            if prop.key == _FOLDED_FROM:
+                try:
+                    folded[value.name] = [str(n) for n in ast.literal_eval(prop.value)]
+                except (ValueError, SyntaxError, TypeError):
+                    log.debug("unreadable %s on %r: %r", _FOLDED_FROM, value.name, prop.value)
+    signature = next((p.value for p in model.metadata_props if p.key == _SIGNATURE), "")
+    parameters = set(re.findall(r"target='([^']+)'", signature))
+    sources = {}
+    for name, names in folded.items():
+        originals = [n for n in names if n not in folded]
+        if len(originals) > 1:
+            originals = [n for n in originals if n in parameters]
+        if len(originals) == 1:
+            sources[name] = originals[0]
+    return sources
+
+
+def _layer_name(weight_name: str) -> str:
+    """``blocks.0.fc.weight`` -> ``blocks.0.fc``: PyTorch names a layer's weight after its module."""
+    return weight_name.removesuffix(".weight") or weight_name

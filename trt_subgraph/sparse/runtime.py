@@ -1,17 +1,24 @@
 """2:4-sparse linears through cuSPARSELt, for the inductor engine on CUDA (sm80+).
 
 `rewrite_linears` replaces ``addmm(b, x, t(w))`` / ``mm(x, t(w))`` of a 2:4-pruned fp16/bf16
-weight by ``trt_subgraph::sparse_linear(x, w, b, algorithm)``. The op takes the weight itself (so
-weights stay graph inputs and one artifact serves every block) and looks up its compressed form
-in the process-wide `SPARSE_WEIGHTS`. Compressing costs about as much as the product, so it
-happens once per weight value, never per call.
+weight by ``trt_subgraph::sparse_linear(x, w, b, algorithm)``, and so it does for convolutions
+that are linears over the channels: 1x1, stride 1, no padding, no groups, on a channels-last
+input, where ``permute(x, (0, 2, 3, 1))`` is the (N, H, W, C) matrix operand without a copy and
+permuting the (N, H, W, K) product back gives the convolution's own channels-last output (on a
+contiguous NCHW input both permutes would copy, so such convolutions stay dense; the option
+``memory_format`` makes CNNs channels-last on CUDA). Larger kernels stay dense: torch and
+cuSPARSELt have 2:4 kernels for matrix products only, no sparse implicit-GEMM convolution.
+The op takes the weight itself (so weights stay graph inputs and one artifact serves every
+block) and looks up its compressed form in the process-wide `SPARSE_WEIGHTS`. Compressing costs
+about as much as the product, so it happens once per weight value, never per call.
 
 The product runs through `trt_subgraph.sparse.cusparselt` (plans built once; torch's
 ``_cslt_sparse_mm`` rebuilds them on every call) and returns the row-major layout ``F.linear``
 returns, so nothing downstream changes. Which of cuSPARSELt's algorithms is fastest depends on the shape (on an H100 the
 default one is 0.6x dense, the best 1.3-1.5x), so the algorithm is measured at the real shape,
 inside a CUDA graph, once per shape and GPU, with dense alongside for mode "auto". The verdicts
-are kept in a JSON file (`DECISIONS_FILE` under ``cache_dir``).
+are kept in a JSON file (`DECISIONS_FILE` under ``cache_dir``). Where M is dynamic (mode "on"),
+the op measures at the first call of each M instead and keeps the verdict for the process.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ __all__ = [
     "DECISIONS_FILE",
     "MIN_SPEEDUP",
     "MODES",
+    "PER_SHAPE",
+    "PER_SHAPE_EAGER",
     "SPARSE_WEIGHTS",
     "SparseWeights",
     "measure",
@@ -61,6 +70,9 @@ MIN_SPEEDUP = 1.05
 # ones crash the CUDA context ("illegal instruction"; the likely reason cusparseLtMatmulSearch
 # fails on this build). Ids 0-7 ran at every shape tried (H100).
 ALGORITHMS = range(8)
+# The op's `algorithm` for a dynamic M (mode "on"): the fastest at each M, measured at run time
+# inside a CUDA graph (PER_SHAPE, the forward replays CUDA graphs) or eagerly (PER_SHAPE_EAGER).
+PER_SHAPE, PER_SHAPE_EAGER = -1, -2
 DECISIONS_FILE = "sparse_decisions.json"
 UNAVAILABLE = "cuSPARSELt unavailable"
 
@@ -112,7 +124,7 @@ class SparseWeights:
                     log, "compress in capture", "trt_subgraph: compressing a 2:4 weight inside CUDA graph capture"
                 )
             entry = self._entries[key] = _Entry(
-                weakref.ref(weight), _compat.version_counter(weight), self._compress(weight)
+                weakref.ref(weight), _compat.version_counter(weight), self._compress(_matrix(weight))
             )
         elif _compat.version_counter(source) != entry.version:
             self._recompress(entry, source)
@@ -147,7 +159,7 @@ class SparseWeights:
             del self._entries[weight.data_ptr()]
 
     def _recompress(self, entry: _Entry, source: torch.Tensor) -> None:
-        entry.compressed.copy_(self._compress(source))
+        entry.compressed.copy_(self._compress(_matrix(source)))
         entry.version = _compat.version_counter(source)
 
 
@@ -173,17 +185,28 @@ def _product(
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, algorithm: int) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a 2:4 `weight`, via cuSPARSELt's `algorithm` on CUDA.
 
+    `weight`: (N, K), or a 1x1 convolution's (N, K, 1, 1) (any number of 1s), taken as (N, K).
     cuSPARSELt needs M (the rows of x) to be a multiple of 8; otherwise, and off CUDA (CPU
-    tests), the product is computed densely.
+    tests), the product is computed densely. `algorithm` `PER_SHAPE` (`PER_SHAPE_EAGER`): the
+    fastest for this call's M, timed inside a CUDA graph (eagerly) at the first call with that M.
     """
+    matrix = _matrix(weight)
     x2 = x.reshape(-1, x.shape[-1])
     if not (x2.is_contiguous() or x2.t().is_contiguous()):
         x2 = x2.contiguous()
     if x.is_cuda and x2.shape[0] % 8 == 0 and x2.shape[0] > 0:
-        y = _product(SPARSE_WEIGHTS.get(weight), tuple(weight.shape), x2, bias, algorithm)
+        if algorithm < 0:
+            n, k = matrix.shape
+            algorithm = _algorithm_for(x2.shape[0], k, n, x.dtype, x.device, bias is not None, algorithm == PER_SHAPE)
+        y = _product(SPARSE_WEIGHTS.get(weight), tuple(matrix.shape), x2, bias, algorithm)
     else:
-        y = F.linear(x2, weight, bias)
+        y = F.linear(x2, matrix, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A linear's (N, K) weight as it is; a 1x1 convolution's (N, K, 1, 1) as (N, K), a view."""
+    return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
 
 @sparse_linear.register_fake
@@ -246,7 +269,14 @@ def _eager_ms(fn: Callable[[], Any], device: torch.device, calls: int = 20, warm
 
 @torch.no_grad()
 def measure(
-    m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool, graphed: bool = True
+    m: int,
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    bias: bool,
+    graphed: bool = True,
+    image: tuple[int, ...] | None = None,
 ) -> tuple[float, float, int]:
     """(dense_ms, sparse_ms, algorithm) of ``x @ W.T + b`` at (M, K, N) on random 2:4 data.
 
@@ -254,6 +284,8 @@ def measure(
     the three fastest are timed again, interleaved with dense so that clock changes hit both, and
     the best of three runs counts. That second round runs as the model will: inside a CUDA graph
     when `graphed`, else eagerly through the op, whose per-call host work then counts too.
+    `image`: for a 1x1 convolution, its output's (N, H, W) (N*H*W = M): dense is then that
+    convolution on a channels-last input (cuDNN picks its own kernel), not the matrix product.
     """
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
@@ -263,14 +295,26 @@ def measure(
     w.view(n, k // 4, 4)[..., 2:] = 0
     b = torch.randn(n, device=device, dtype=dtype, generator=gen) if bias else None
     compressed = SPARSE_WEIGHTS.get(w)  # the op's eager path finds this copy, not a second one
+    dense = lambda: F.linear(x, w, b)  # noqa: E731
+    if image is not None:
+        d = len(image) - 1
+        x_image = x.view(*image, k).permute(0, d + 1, *range(1, d + 1))  # channels-last (N, K, H, W)
+        w_image = w.view(n, k, *[1] * d)
+        ones, zeros = [1] * d, [0] * d
+        dense = lambda: aten.convolution.default(x_image, w_image, b, ones, zeros, ones, False, zeros, 1)  # noqa: E731
     try:
-        return _measure(x, w, b, compressed, graphed)
+        return _measure(x, w, b, compressed, graphed, dense)
     finally:
         SPARSE_WEIGHTS.discard(w)
 
 
 def _measure(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, compressed: torch.Tensor, graphed: bool
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    compressed: torch.Tensor,
+    graphed: bool,
+    dense_fn: Callable[[], Any],
 ) -> tuple[float, float, int]:
     (m, k), n, device = x.shape, w.shape[0], x.device
 
@@ -293,7 +337,7 @@ def _measure(
     timer, run = (_graph_ms, sparse) if graphed else (_eager_ms, sparse_op)
     dense, timed = [], {a: [] for a in finalists}
     for _ in range(3):
-        dense.append(timer(lambda: F.linear(x, w, b), device))
+        dense.append(timer(dense_fn, device))
         for algorithm in finalists:
             timed[algorithm].append(timer(run(algorithm), device))
     best = min(finalists, key=lambda a: min(timed[a]))
@@ -304,12 +348,23 @@ _DECISIONS: dict[str, dict[str, Any]] = {}  # decision key -> timing, as in the 
 on_reset(_DECISIONS.clear)
 
 
-def _decision_key(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool, graphed: bool) -> str:
+def _decision_key(
+    m: int,
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    bias: bool,
+    graphed: bool,
+    image: tuple[int, ...] | None = None,
+) -> str:
     cslt = torch.backends.cusparselt.version() if _compat.cslt_available() else None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return (
         f"M{m}xK{k}xN{n} {str(dtype).removeprefix('torch.')} bias={int(bias)} row-major "
-        f"{gpu} torch {torch.__version__} cusparselt {cslt}" + ("" if graphed else " eager")
+        f"{gpu} torch {torch.__version__} cusparselt {cslt}"
+        + ("" if graphed else " eager")
+        + ("" if image is None else f" conv {'x'.join(map(str, image))}")
     )
 
 
@@ -410,6 +465,8 @@ def _find_linears(gm: torch.fx.GraphModule, weights: dict[torch.fx.Node, torch.T
 
 
 def _ineligible_reason(lin: _Linear, w: torch.Tensor) -> str | None:
+    if w.device.type == "meta":
+        return "weight on the meta device (it holds no values to check)"
     reasons = []
     verdict = analyze_weight(w, kind="linear")
     if not verdict.pattern_ok:
@@ -426,6 +483,77 @@ def _ineligible_reason(lin: _Linear, w: torch.Tensor) -> str | None:
     if any(v.dtype != w.dtype for v in others):
         reasons.append("activation or bias dtype differs from the weight's")
     return "; ".join(reasons) or None
+
+
+@dataclasses.dataclass
+class _Conv:
+    """An ``aten.convolution`` of a weight placeholder: a linear over the channels when
+    `_conv_ineligible_reason` finds nothing against it."""
+
+    node: torch.fx.Node
+    x: torch.fx.Node
+    weight: torch.fx.Node  # a weight placeholder
+    bias: torch.fx.Node | None
+
+
+def _find_convs(gm: torch.fx.GraphModule, weights: dict[torch.fx.Node, torch.Tensor]) -> list[_Conv]:
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.convolution.default or len(node.args) != 9:
+            continue
+        x, weight, bias = node.args[:3]
+        if weight not in weights or not (bias is None or isinstance(bias, torch.fx.Node)):
+            continue
+        xv, yv = (x.meta.get("val") if isinstance(x, torch.fx.Node) else None), node.meta.get("val")
+        if isinstance(xv, torch.Tensor) and isinstance(yv, torch.Tensor) and xv.dim() == weights[weight].dim() >= 3:
+            found.append(_Conv(node, x, weight, bias))
+    return found
+
+
+def _channels_last(value: torch.Tensor) -> bool:
+    """Channels innermost in memory: ``permute(0, 2, ..., 1)`` is a contiguous view."""
+    return value.permute(0, *range(2, value.dim()), 1).is_contiguous()
+
+
+def _conv_ineligible_reason(conv: _Conv, w: torch.Tensor) -> str | None:
+    """Why this convolution stays dense, or None: a 1x1, stride-1, unpadded, ungrouped
+    convolution on a channels-last input is a linear over the channels, and then a linear's
+    rules apply (`_ineligible_reason`)."""
+    if w.device.type == "meta":
+        return "weight on the meta device (it holds no values to check)"
+    stride, padding, _, transposed, _, groups = conv.node.args[3:9]
+    kernel = tuple(w.shape[2:])
+    if transposed:
+        return "transposed convolution"
+    reasons = []
+    if groups != 1:
+        reasons.append(f"{'depthwise' if w.shape[1] == 1 else 'grouped'} convolution (groups={groups})")
+    if any(k != 1 for k in kernel):
+        reasons.append(
+            f"{'x'.join(map(str, kernel))} kernel: no sparse implicit-GEMM convolution without TensorRT "
+            "(torch and cuSPARSELt have 2:4 kernels for matrix products only)"
+        )
+    if reasons:  # with the weight's own 2:4 verdict, as `sparsity.check` gives it
+        verdict = analyze_weight(w, kind="conv") if groups == 1 else None
+        if verdict is not None and not verdict.pattern_ok:
+            reasons.append(
+                f"not 2:4 sparse ({verdict.violating_groups} of {verdict.total_groups} groups of 4 hold more than 2 "
+                "non-zeros)"
+                if w.shape[1] % 4 == 0
+                else f"input channels {w.shape[1]} not a multiple of 4"
+            )
+        return "; ".join(reasons)
+    if any(s != 1 for s in stride):
+        reasons.append(f"stride {tuple(stride)}: not a plain matrix product")
+    if any(p != 0 for p in padding):
+        reasons.append(f"padding {tuple(padding)}: not a plain matrix product")
+    if not (_channels_last(conv.x.meta["val"]) and _channels_last(conv.node.meta["val"])):
+        reasons.append(
+            "input not channels-last: the matrix product would copy it and its output "
+            "(memory_format='channels_last' avoids both)"
+        )
+    rest = _ineligible_reason(conv, _matrix(w))
+    return "; ".join([*reasons, *([rest] if rest else [])]) or None
 
 
 def module_path(path: str) -> str:
@@ -449,15 +577,21 @@ def rewrite_linears(
     *,
     cache_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Route eligible 2:4 linears of an ATen inference graph through ``trt_subgraph::sparse_linear``.
+    """Route eligible 2:4 linears of an ATen inference graph through ``trt_subgraph::sparse_linear``,
+    and convolutions that are linears over the channels (1x1, stride 1, no padding, no groups,
+    channels-last input).
 
     `real_inputs`/`weight_flags` are per placeholder. `mode`: "off" never rewrites, "on" rewrites
-    every eligible linear, "auto" only those measured faster (needs a static M), timed as they
-    will run: inside a CUDA graph when `cudagraphs` (the forward will be one), else eagerly.
-    `cache_dir`: where "auto" keeps its measurements (`DECISIONS_FILE`); None keeps them in memory.
-    Returns one record per linear of a weight: layer, shape [N, K], M, eligible, sparse, reason,
-    dense_ms, sparse_ms, algorithm. Without cuSPARSELt the graph is left untouched. The op's output
-    has the shape and strides of the product it replaces, so nothing downstream changes.
+    every eligible layer, "auto" only those measured faster (needs a static M), timed as they
+    will run: inside a CUDA graph when `cudagraphs` (the forward will be one), else eagerly; a
+    convolution's sparse product (M = N*H*W rows, its K x C weight) is timed against the dense
+    convolution itself. `cache_dir`: where "auto" keeps its measurements
+    (`DECISIONS_FILE`); None keeps them in memory. Returns one record per linear or convolution
+    of a weight, in graph order: layer, kind ("linear" or "conv"), shape (the weight's), M,
+    eligible, sparse, reason (why not eligible or not sparse: a k x k convolution stays dense, no
+    sparse kernel exists for it here), dense_ms, sparse_ms, algorithm. Without cuSPARSELt the
+    graph is left untouched. The replacement's output has the shape and strides of the layer it
+    replaces, so nothing downstream changes.
     """
     if mode not in MODES:
         raise ValueError(f"sparsity mode must be one of {list(MODES)}, got {mode!r}")
@@ -472,9 +606,11 @@ def rewrite_linears(
     }
     # aot_autograd calls its compilers with its fake mode active; the analysis needs real tensors.
     with _compat.unset_fake_temporarily():
-        records, chosen = _decide(_find_linears(gm, weights), weights, mode, cudagraphs, cache_dir)
-        for lin, w, algorithm in chosen:
-            _replace(gm, lin, w, algorithm)
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        layers = sorted([*_find_linears(gm, weights), *_find_convs(gm, weights)], key=lambda layer: order[layer.node])
+        records, chosen = _decide(layers, weights, mode, cudagraphs, cache_dir)
+        for layer, w, algorithm in chosen:
+            (_replace if isinstance(layer, _Linear) else _replace_conv)(gm, layer, w, algorithm)
     if chosen:
         gm.graph.lint()
         gm.recompile()
@@ -482,19 +618,24 @@ def rewrite_linears(
 
 
 def _decide(
-    linears: list[_Linear], weights: dict, mode: str, cudagraphs: bool, cache_dir: Any
-) -> tuple[list[dict[str, Any]], list[tuple[_Linear, torch.Tensor, int]]]:
+    layers: list[_Linear | _Conv], weights: dict, mode: str, cudagraphs: bool, cache_dir: Any
+) -> tuple[list[dict[str, Any]], list[tuple[_Linear | _Conv, torch.Tensor, int]]]:
     records, chosen = [], []
-    for lin in linears:
+    for lin in layers:
         w = weights[lin.weight]
-        m = lin.x.meta["val"].shape[0]
+        if isinstance(lin, _Linear):
+            kind, m, reason = "linear", lin.x.meta["val"].shape[0], _ineligible_reason(lin, w)
+        else:  # the rows of the (implicit) matrix product: every output position of every image
+            out = lin.node.meta["val"]
+            kind, m, reason = "conv", out.numel() // out.shape[1], _conv_ineligible_reason(lin, w)
         rec = {
             "layer": _layer_name(lin.node),
+            "kind": kind,
             "shape": list(w.shape),
             "M": m if isinstance(m, int) else str(m),
             "eligible": False,
             "sparse": False,
-            "reason": _ineligible_reason(lin, w),
+            "reason": reason,
             "dense_ms": None,
             "sparse_ms": None,
             "algorithm": None,
@@ -503,7 +644,10 @@ def _decide(
         rec["eligible"] = rec["reason"] is None
         if not rec["eligible"]:
             continue
-        args = (m, w.shape[1], w.shape[0], w.dtype, w.device, lin.bias is not None, cudagraphs)
+        args = (m, _matrix(w).shape[1], w.shape[0], w.dtype, w.device, lin.bias is not None, cudagraphs)
+        if kind == "conv":  # timed against the convolution itself
+            out = lin.node.meta["val"]
+            args += ((out.shape[0], *out.shape[2:]),)
         if mode == "off":
             rec["reason"] = "sparsity off"
         elif (why := unavailable_reason(w.device)) is not None:
@@ -518,8 +662,40 @@ def _decide(
                 where = "" if cudagraphs else ", timed without CUDA graphs"
                 rec["reason"] = f"measured not faster (needs {MIN_SPEEDUP:.2f}x{where})"
         if rec["sparse"]:
-            chosen.append((lin, w, rec["algorithm"] or 0))
+            if rec["algorithm"] is not None:
+                algorithm = rec["algorithm"]
+            elif isinstance(m, int):
+                algorithm = 0  # a CPU weight: never measured, never run by cuSPARSELt
+            else:  # a dynamic M: chosen per M at run time
+                algorithm = PER_SHAPE if cudagraphs else PER_SHAPE_EAGER
+            chosen.append((lin, w, algorithm))
     return records, chosen
+
+
+def _algorithm_for(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, bias: bool, graphed: bool) -> int:
+    """The fastest algorithm at this M (for a dynamic M), measured at its first call in this
+    process; cuSPARSELt's default where that call is inside a CUDA graph capture (no
+    measurement can run there) or the measurement fails, with a warning."""
+    key = _decision_key(m, k, n, dtype, device, bias, graphed)
+    if key in _DECISIONS:
+        return _DECISIONS[key]["algorithm"]
+    if torch.cuda.is_current_stream_capturing():
+        warn_once(
+            log,
+            ("unmeasured in capture", key),
+            "trt_subgraph: 2:4 linear M%d K%d N%d first runs inside a CUDA graph capture; "
+            "cuSPARSELt's default algorithm runs there",
+            m,
+            k,
+            n,
+        )
+        return 0
+    try:
+        return _timing(key, lambda: measure(m, k, n, dtype, device, bias, graphed), None)["algorithm"]
+    except RuntimeError as exc:
+        warn_once(log, ("unmeasured", key), "trt_subgraph: 2:4 linear %s: measurement failed (%s)", key, exc)
+        _DECISIONS[key] = {"dense_ms": None, "sparse_ms": None, "algorithm": 0}
+        return 0
 
 
 def _measured(rec: dict[str, Any], args: tuple, cache_dir: Any) -> bool:
@@ -542,5 +718,29 @@ def _replace(gm: torch.fx.GraphModule, lin: _Linear, w: torch.Tensor, algorithm:
     gm.graph.erase_node(lin.node)
     if not lin.transpose.users:
         gm.graph.erase_node(lin.transpose)
+    if w.is_cuda:
+        SPARSE_WEIGHTS.get(w)  # compress now, not in the first (timed) call
+
+
+def _replace_conv(gm: torch.fx.GraphModule, conv: _Conv, w: torch.Tensor, algorithm: int) -> None:
+    """``permute(sparse_linear(permute(x, (0, 2, 3, 1)), w, b), (0, 3, 1, 2))`` for a 2-D
+    convolution (likewise for 1-D and 3-D): on a channels-last input both permutes are views."""
+    node = conv.node
+    x, bias = node.args[0], node.args[2]  # read now: an earlier replacement may have rewired them
+    xv = x.meta["val"]
+    last, first = [0, *range(2, xv.dim()), 1], [0, xv.dim() - 1, *range(1, xv.dim() - 1)]
+    with gm.graph.inserting_before(node):
+        rows = gm.graph.call_function(aten.permute.default, (x, last))
+        product = gm.graph.call_function(
+            torch.ops.trt_subgraph.sparse_linear.default, (rows, conv.weight, bias, algorithm)
+        )
+        out = gm.graph.call_function(aten.permute.default, (product, first))
+    rows_val = xv.permute(last)
+    product_val = rows_val.new_empty((*rows_val.shape[:-1], w.shape[0]))
+    for new, val in ((rows, rows_val), (product, product_val), (out, product_val.permute(first))):
+        new.meta = {key: value for key, value in node.meta.items() if key not in ("val", "tensor_meta")}
+        new.meta["val"] = val  # the output's: the convolution's shape and channels-last strides
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
     if w.is_cuda:
         SPARSE_WEIGHTS.get(w)  # compress now, not in the first (timed) call

@@ -1,0 +1,128 @@
+"""A warm start on CPU compiles nothing: the compiled C++ kernels (and inductor's vector-ISA
+check programs) come back from trt_subgraph's disk cache, not from the C++ compiler.
+
+The end-to-end test runs two fresh processes with their own, empty inductor caches that share one
+trt_subgraph disk cache, and counts compiler runs through a ``CXX`` wrapper that logs each one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trt_subgraph import _compat
+from trt_subgraph.engines import inductor
+
+CHILD = r"""
+import json, sys, torch, torch.nn as nn
+import trt_subgraph
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+torch.manual_seed(0)
+model = nn.Sequential(*[Block() for _ in range(3)]).eval()
+x = torch.randn(2, 4, 16)
+options = {"engine": "inductor", "cache_dir": sys.argv[1], "build_workers": int(sys.argv[3])}
+with torch.no_grad():
+    out = torch.compile(model, backend="trt_subgraph", options=options)(x)
+    ref = model(x)
+report = trt_subgraph.last_report()
+json.dump({
+    "out": out.flatten().tolist(),
+    "ref": ref.flatten().tolist(),
+    "statuses": sorted({s.status for s in report.subgraphs}),
+}, open(sys.argv[2], "w"))
+"""
+
+# The compiler as inductor would find it (CXX, else g++), wrapped to log each run.
+_COMPILER = shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _compiles(log):
+    """Compiler runs that compile or preprocess something (not ``-v`` / ``--version`` queries)."""
+    if not log.exists():
+        return []
+    return [line for line in log.read_text().splitlines() if line.strip() not in ("-v", "--version")]
+
+
+@pytest.mark.skipif(_COMPILER is None, reason="no C++ compiler")
+def test_a_warm_process_with_an_empty_inductor_cache_compiles_nothing(tmp_path):
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "$CXX_LOG"\nexec {_COMPILER} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "child.py").write_text(CHILD)
+    runs = {}
+    for run in ("cold", "warm"):
+        env = {
+            **os.environ,
+            "CXX": str(wrapper),
+            "CXX_LOG": str(tmp_path / f"{run}.log"),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}"),  # each process's own, empty
+        }
+        out = tmp_path / f"{run}.json"
+        subprocess.run(
+            # The cold process builds in a worker process, as machines with 4 cores or more do.
+            [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "trt"), str(out), str(int(run == "cold"))],
+            env=env,
+            check=True,
+            timeout=600,
+        )
+        runs[run] = json.loads(out.read_text())
+    assert runs["cold"]["statuses"] == ["built"] and _compiles(tmp_path / "cold.log")
+    assert runs["warm"]["statuses"] == ["disk_hit"]
+    assert _compiles(tmp_path / "warm.log") == []
+    assert runs["warm"]["out"] == runs["cold"]["out"]  # the same kernels: bit for bit
+    warm = torch.tensor(runs["warm"]["out"])
+    torch.testing.assert_close(warm, torch.tensor(runs["warm"]["ref"]), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_files_round_trip_and_a_short_pack_is_refused():
+    files = {"ab/cabc.main.so": b"\x7fELF library", "cd/ccd.so": b""}
+    packed = inductor._pack_files(files)
+    assert inductor._unpack_files(packed) == files
+    with pytest.raises(ValueError, match="middle of a file"):
+        inductor._unpack_files(packed[:-3])
+
+
+@pytest.mark.parametrize(
+    "name", ["../ab/cab.so", "/tmp/ab/cab.so", "ab/cab.py", "ab/../../cab.so", "abc/cab.so", "ab/cxy.so"]
+)
+def test_restoring_refuses_names_outside_inductors_cache_layout(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="not a compiled file"):
+        _compat.restore_inductor_files({name: b"x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restoring_keeps_a_file_already_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "cab.main.so").write_bytes(b"inductor's own")
+    _compat.restore_inductor_files({"ab/cab.main.so": b"restored", "cd/ccd.main.so": b"new"})
+    assert (tmp_path / "ab" / "cab.main.so").read_bytes() == b"inductor's own"
+    assert (tmp_path / "cd" / "ccd.main.so").read_bytes() == b"new"
+
+
+class _Artifact:
+    """Stands in for a compiled artifact (the section only needs its identity)."""
+
+
+def test_an_artifact_without_cpu_kernels_gets_no_section(tmp_path):
+    gpu, gone, plain = _Artifact(), _Artifact(), object()
+    inductor._keep_cpu_kernels(gpu, [])
+    inductor._keep_cpu_kernels(gone, [str(tmp_path / "ab" / "cab.main.so")])  # deleted since
+    inductor._keep_cpu_kernels(plain, [str(tmp_path / "ab" / "cab.main.so")])  # no weak references
+    assert [inductor._cpu_kernels_section(a) for a in (gpu, gone, plain)] == [b"", b"", b""]

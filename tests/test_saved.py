@@ -1,0 +1,280 @@
+"""Saving a compiled function and loading it without Dynamo: same answers, nothing traced,
+split or built, and files that are not exactly what was saved here are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import trt_subgraph
+from trt_subgraph import engines, saved
+from trt_subgraph.bench import models
+from trt_subgraph.engines.eager import EagerEngine
+from trt_subgraph.sparsity import analyze_weight, prune_2_4
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.compiler, "load_compiled_function"), reason="torch without aot_compile (< 2.9)"
+)
+
+TIGHT = dict(rtol=1e-5, atol=1e-5)
+DECODER = dict(depth=2, width=16, batch=2, seq=8)
+
+
+@pytest.fixture(autouse=True)
+def aot_compile_enabled():
+    """torch 2.9 to 2.11 attach ``aot_compile`` only with this set (2.12 on: the default)."""
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(enable_aot_compile=True):
+        yield
+
+
+def forward(model, *args):
+    return model(*args)
+
+
+def aot_compile(model, inputs, **options):
+    options = {"engine": "eager", **options}
+    with torch.no_grad():
+        compiled = torch.compile(forward, fullgraph=True, backend="trt_subgraph", options=options)
+        return compiled.aot_compile(((model, *inputs), {}))
+
+
+_LOAD = r"""
+import json, sys, torch, trt_subgraph
+from torch._dynamo.utils import counters
+from trt_subgraph import regions
+from trt_subgraph.bench import models
+
+calls = {"split": 0, "aot_autograd": 0}
+real_split, real_aot = regions.split_module, regions.aot_autograd
+
+def split(*args, **kwargs):
+    calls["split"] += 1
+    return real_split(*args, **kwargs)
+
+def aot(*args, **kwargs):
+    calls["aot_autograd"] += 1
+    return real_aot(*args, **kwargs)
+
+regions.split_module, regions.aot_autograd = split, aot
+path, how, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model, _ = models.build("decoder", seed=0, **kwargs)  # the saved model's weights
+if how == "trt_subgraph.load":
+    run = trt_subgraph.load(path, model)
+else:
+    with open(path, "rb") as f:
+        function = torch.compiler.load_compiled_function(f)
+    run = lambda *args: function(model, *args)
+errors = []
+with torch.no_grad():
+    for seed in (5, 6):  # fresh inputs, never seen while compiling
+        inputs = models.build("decoder", seed=seed, **kwargs)[1]
+        errors.append((run(*inputs) - model(*inputs)).abs().max().item())
+report = trt_subgraph.last_report()
+print("@@" + json.dumps({
+    "errors": errors,
+    "dynamo_graphs": counters["stats"]["unique_graphs"],
+    "calls": calls,
+    "totals": report.totals,
+    "regions": report.regions,
+    "statuses": sorted(s.status for s in report.subgraphs),
+}))
+"""
+
+
+def load_in_new_process(path, how, tmp_path):
+    """Load `path` in a fresh interpreter with an empty disk cache; what it saw, as a dict."""
+    env = {**os.environ, "TRT_SUBGRAPH_CACHE_DIR": str(tmp_path / "empty-cache")}
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(path), how, json.dumps(DECODER)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("@@"))
+    return json.loads(line[2:])
+
+
+def test_a_saved_function_loads_in_a_new_process_without_tracing_splitting_or_building(tmp_path):
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    compiled = aot_compile(model, inputs, engine="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(model, *inputs), model(*inputs), **TIGHT)
+    unique = trt_subgraph.last_report().totals["unique_subgraphs"]
+    path = trt_subgraph.save(compiled, tmp_path / "decoder.tsg")
+
+    seen = load_in_new_process(path, "trt_subgraph.load", tmp_path)
+    assert max(seen["errors"]) <= 1e-5, seen
+    assert seen["dynamo_graphs"] == 0 and seen["calls"] == {"split": 0, "aot_autograd": 0}, seen
+    assert seen["totals"]["builds"] == 0 and seen["totals"]["loads"] == unique, seen
+    assert seen["statuses"] == ["loaded"] * unique
+    assert seen["regions"]["path"] == "regions" and seen["regions"]["loaded"] is True
+
+
+def test_torch_save_compiled_function_and_load_compiled_function_work_too(tmp_path):
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    compiled = aot_compile(model, inputs)
+    path = tmp_path / "decoder.pt2"
+    compiled.save_compiled_function(str(path))
+
+    seen = load_in_new_process(path, "torch.compiler.load_compiled_function", tmp_path)
+    assert max(seen["errors"]) <= 1e-5, seen
+    assert seen["dynamo_graphs"] == 0 and seen["calls"] == {"split": 0, "aot_autograd": 0}, seen
+    # the eager engine persists no artifact: each unique subgraph is made again at the first call
+    assert seen["statuses"] == ["built"] * seen["totals"]["unique_subgraphs"]
+
+
+def test_the_whole_graph_path_round_trips_too(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()  # no repeated blocks
+    x = torch.randn(3, 16)
+    compiled = aot_compile(model, (x,))
+    assert trt_subgraph.last_report().regions == {"path": "whole graph", "reason": "no repeated blocks"}
+    path = trt_subgraph.save(compiled, tmp_path / "mlp.tsg")
+    run = trt_subgraph.load(path, model)
+    report = trt_subgraph.last_report()
+    assert report.regions["path"] == "whole graph" and report.regions["loaded"] is True
+    with torch.no_grad():
+        fresh = torch.randn(3, 16)
+        torch.testing.assert_close(run(fresh), model(fresh), **TIGHT)
+
+
+def test_a_changed_file_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch):
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    path = trt_subgraph.save(aot_compile(model, inputs), tmp_path / "decoder.tsg")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    tampered = tmp_path / "tampered.tsg"
+    tampered.write_bytes(bytes(data))
+
+    def never(*args, **kwargs):
+        raise AssertionError("an unauthenticated file was unpickled")
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", never)
+    with pytest.raises(ValueError, match="is not a loadable compiled function: payload checksum mismatch"):
+        trt_subgraph.load(tampered, model)
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(os.urandom(32))
+    other_key.chmod(0o600)
+    with pytest.raises(ValueError, match="authentication tag mismatch"):
+        trt_subgraph.load(path, model, key_file=other_key)
+    with pytest.raises(ValueError, match="not a trt_subgraph cache entry"):
+        trt_subgraph.load(_write(tmp_path / "plain.pt", b"\x80\x04not ours"), model)
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("what", ["torch", "python", "trt_subgraph"])
+def test_a_file_saved_with_another_version_is_refused(tmp_path, monkeypatch, what):
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    compiled = aot_compile(model, inputs)
+    real = saved._environment
+    monkeypatch.setattr(saved, "_environment", lambda gpu: {**real(gpu), what: "0.0.1"})
+    path = trt_subgraph.save(compiled, tmp_path / "decoder.tsg")
+    monkeypatch.setattr(saved, "_environment", real)
+    with pytest.raises(ValueError, match=f"{what}: saved with '0.0.1', this process has"):
+        trt_subgraph.load(path, model)
+
+
+class _MutatesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x.mul_(0.5)
+            x = torch.tanh(layer(x)) + x
+        return x
+
+
+def test_what_cannot_be_saved_says_why(tmp_path):
+    with pytest.raises(TypeError, match=r"expects what torch\.compile"):
+        trt_subgraph.save(lambda x: x, tmp_path / "f.tsg")
+
+    torch.manual_seed(0)
+    mutating = aot_compile(_MutatesItsInput().eval(), (torch.randn(2, 8),))
+    with pytest.raises(
+        RuntimeError,
+        match=r"cannot be saved: inputs \[\d+\] of a compiled graph \(a region, or the whole graph\) are mutated in place",
+    ):
+        trt_subgraph.save(mutating, tmp_path / "m.tsg")
+
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    with torch.enable_grad():  # parameters require grad: the gradient path
+        graded = torch.compile(forward, fullgraph=True, backend="trt_subgraph", options={"engine": "eager"})
+        graded = graded.aot_compile(((model, *inputs), {}))
+    with pytest.raises(RuntimeError, match="compiled with gradients enabled"):
+        trt_subgraph.save(graded, tmp_path / "g.tsg")
+    assert not list(tmp_path.glob("*.tsg")) and not list(tmp_path.glob(".*.tmp"))
+
+
+class _TwoFourEagerEngine(EagerEngine):
+    """The eager engine, with 2:4 weights as another weight variant (as the inductor engine on CUDA)."""
+
+    def weight_variant(self, weight):
+        return "2:4" if weight.dim() == 2 and analyze_weight(weight, kind="linear").pattern_ok else "dense"
+
+
+def test_weights_of_another_sparsity_pattern_than_the_saved_ones_are_refused(tmp_path, monkeypatch):
+    real = engines.engine_class
+    monkeypatch.setattr(engines, "engine_class", lambda name: _TwoFourEagerEngine if name == "eager" else real(name))
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    for block in model.layers:
+        prune_2_4(block)
+    path = trt_subgraph.save(aot_compile(model, inputs), tmp_path / "pruned.tsg")
+    with torch.no_grad():
+        pruned = trt_subgraph.load(path, model)
+        torch.testing.assert_close(pruned(*inputs), model(*inputs), **TIGHT)
+        dense, _ = models.build("decoder", seed=0, **DECODER)
+        with pytest.raises(RuntimeError, match="2:4 sparsity pattern"):
+            trt_subgraph.load(path, dense)(*inputs)
+
+
+def test_a_hugging_face_llama_round_trips_with_portable_guards(tmp_path):
+    """torch cannot save the identity guards Dynamo puts on a transformers model (ID_MATCH); the
+    portable guard filter keeps the tensor, shape and global-state guards."""
+    from torch._dynamo.utils import counters
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(config).eval()
+
+    def hidden(model, ids):
+        return model(ids).last_hidden_state
+
+    options = {"engine": "eager", "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
+    with torch.no_grad():
+        compiled = torch.compile(hidden, fullgraph=True, backend="trt_subgraph", options=options)
+        compiled = compiled.aot_compile(((model, torch.randint(0, 128, (2, 8))), {}))
+    assert trt_subgraph.last_report().regions["path"] == "regions"
+    path = trt_subgraph.save(compiled, tmp_path / "llama.tsg")
+    counters.clear()
+    run = trt_subgraph.load(path, model)
+    with torch.no_grad():
+        ids = torch.randint(0, 128, (2, 8))
+        torch.testing.assert_close(run(ids), model(ids).last_hidden_state, **TIGHT)
+    assert counters["stats"]["unique_graphs"] == 0
+    assert trt_subgraph.last_report().regions["loaded"] is True
