@@ -6,30 +6,8 @@ documented import path.
 
 from __future__ import annotations
 
-from .sparse.analysis import (
-    KINDS,
-    MIN_CHANNELS_TO_HELP,
-    SPARSE_DTYPES,
-    LayerSparsity,
-    PruneReport,
-    SparsityTable,
-    analyze_weight,
-    check,
-    check_onnx,
-    mask_2_4,
-    prune_2_4,
-)
+from .sparse.analysis import *  # noqa: F403  (the user API: analysis.__all__)
+from .sparse.analysis import KINDS, MIN_CHANNELS_TO_HELP, SPARSE_DTYPES
+from .sparse.analysis import __all__ as _API
 
-__all__ = [
-    "KINDS",
-    "MIN_CHANNELS_TO_HELP",
-    "SPARSE_DTYPES",
-    "LayerSparsity",
-    "PruneReport",
-    "SparsityTable",
-    "analyze_weight",
-    "check",
-    "check_onnx",
-    "mask_2_4",
-    "prune_2_4",
-]
+__all__ = [*_API, "KINDS", "MIN_CHANNELS_TO_HELP", "SPARSE_DTYPES"]

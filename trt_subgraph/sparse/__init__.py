@@ -11,24 +11,5 @@
 
 from __future__ import annotations
 
-from .analysis import (
-    LayerSparsity,
-    PruneReport,
-    SparsityTable,
-    analyze_weight,
-    check,
-    check_onnx,
-    mask_2_4,
-    prune_2_4,
-)
-
-__all__ = [
-    "LayerSparsity",
-    "PruneReport",
-    "SparsityTable",
-    "analyze_weight",
-    "check",
-    "check_onnx",
-    "mask_2_4",
-    "prune_2_4",
-]
+from .analysis import *  # noqa: F403  (the user API)
+from .analysis import __all__ as __all__
