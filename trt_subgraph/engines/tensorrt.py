@@ -51,29 +51,20 @@ log = logging.getLogger(__name__)
 # "kwargs": keywords we pass (each must be a declared parameter: torch_tensorrt swallows unknown
 # keywords through **kwargs, e.g. ``enabled_precisions`` in 2.13); "fields": dataclass or
 # NamedTuple fields we set or read.
+_SETTINGS_WE_PASS = [
+    "device",
+    "immutable_weights",
+    "sparse_weights",
+    "optimization_level",
+    "disable_tf32",
+    "strip_engine_weights",
+    "refit_identical_engine_weights",
+]
 TORCH_TRT_CONTRACT: dict[str, dict[str, Any]] = {
     "torch_tensorrt.Input.from_tensor": {"positional": 1},
     "torch_tensorrt.dynamo.CompilationSettings": {
-        "kwargs": [
-            "device",
-            "immutable_weights",
-            "sparse_weights",
-            "optimization_level",
-            "disable_tf32",
-            "strip_engine_weights",
-            "refit_identical_engine_weights",
-        ],
-        "fields": [
-            "device",
-            "immutable_weights",
-            "sparse_weights",
-            "optimization_level",
-            "disable_tf32",
-            "strip_engine_weights",
-            "refit_identical_engine_weights",
-            "enable_experimental_decompositions",
-            "decompose_attention",
-        ],
+        "kwargs": _SETTINGS_WE_PASS,
+        "fields": [*_SETTINGS_WE_PASS, "enable_experimental_decompositions", "decompose_attention"],
     },
     "torch_tensorrt.dynamo.utils.to_torch_tensorrt_device": {"positional": 1},
     "torch_tensorrt.dynamo.lowering.pre_export_lowering": {"positional": 2},
