@@ -213,6 +213,112 @@ def test_weights_are_never_stale():
     _check(fn, model, x)
 
 
+class Stateful(nn.Module):
+    """Module state of every kind: parameters, a BatchNorm's running statistics, a buffer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.register_buffer("scale", torch.rand(8) + 0.5)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.bn(self.lin(x)) * self.scale
+
+
+def stateful_forward(model, x, my_buffers_y, marked):
+    """Inputs that look like module state and are not: one named like a buffer, one marked static."""
+    return model(x) + my_buffers_y * marked
+
+
+def _compile_stateful(path, model, inputs, device):
+    options = {"engine": "eager", "cache_dir": None}
+    with torch.no_grad():
+        if path == "torch.compile":
+            fn = torch.compile(stateful_forward, backend="trt_subgraph", options=options)
+            fn(model, *inputs)
+            return fn, None
+        import torch._dynamo.config as dynamo_config
+
+        from trt_subgraph import _compat
+
+        with dynamo_config.patch(enable_aot_compile=True):
+            fn = torch.compile(stateful_forward, fullgraph=True, backend="trt_subgraph", options=options)
+            fn = fn.aot_compile(((model, *inputs), {}))
+        return fn, _compat.aot_compiled_backend_result(fn)
+
+
+def _stateful_weight_flags(monkeypatch, path, device):
+    """Compile `stateful_forward` along `path`; (the compiled function, its result object if any,
+    {graph input name: counted as a weight}, the model, the inputs)."""
+    from trt_subgraph import backend
+
+    flags = {}
+
+    def recording(placeholder, example):
+        flags[str(placeholder.target)] = found = real(placeholder, example)
+        return found
+
+    real = backend._is_weight
+    monkeypatch.setattr(backend, "_is_weight", recording)
+    torch.manual_seed(0)
+    model = Stateful().eval().to(device)
+    inputs = [torch.randn(4, 8, device=device) for _ in range(3)]
+    torch._dynamo.mark_static_address(inputs[2])
+    fn, result = _compile_stateful(path, model, inputs, device)
+    return fn, result, flags, model, inputs
+
+
+@pytest.mark.parametrize("path", ["torch.compile", "aot_compile"])
+def test_module_buffers_count_as_weights_and_caller_inputs_never_do(monkeypatch, path):
+    if path == "aot_compile" and not hasattr(torch.compiler, "load_compiled_function"):
+        pytest.skip("torch without aot_compile (< 2.9)")
+    torch.compiler.reset()
+    fn, _, flags, model, _ = _stateful_weight_flags(monkeypatch, path, "cpu")
+    assert flags == {
+        "L_model_modules_lin_parameters_weight_": True,
+        "L_model_modules_lin_parameters_bias_": True,
+        "L_model_modules_bn_parameters_weight_": True,
+        "L_model_modules_bn_parameters_bias_": True,
+        "L_model_modules_bn_buffers_running_mean_": True,
+        "L_model_modules_bn_buffers_running_var_": True,
+        "L_model_buffers_scale_": True,
+        "L_x_": False,
+        "L_my_buffers_y_": False,  # named like a buffer
+        "L_marked_": False,  # marked static by its user
+    }
+    with torch.no_grad():
+        for _ in range(2):  # fresh inputs and state: nothing is baked in
+            fresh = [torch.randn(4, 8) for _ in range(3)]
+            torch.testing.assert_close(fn(model, *fresh), stateful_forward(model, *fresh), **TIGHT)
+            model.bn.running_mean.add_(1.0)
+            model.scale.mul_(2.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["torch.compile", "aot_compile"])
+def test_in_a_cuda_graph_buffers_are_static_and_inputs_are_copied_in_at_every_call(monkeypatch, path):
+    if path == "aot_compile" and not hasattr(torch.compiler, "load_compiled_function"):
+        pytest.skip("torch without aot_compile (< 2.9)")
+    torch.compiler.reset()
+    fn, result, flags, model, inputs = _stateful_weight_flags(monkeypatch, path, "cuda")
+    with torch.no_grad():
+        for _ in range(4):  # the second call records, the later ones replay
+            x, y = torch.randn(4, 8, device="cuda"), torch.randn(4, 8, device="cuda")
+            inputs[2].copy_(torch.randn(4, 8, device="cuda"))  # marked static by its user: still an input
+            torch.testing.assert_close(fn(model, x, y, inputs[2]), stateful_forward(model, x, y, inputs[2]), **TIGHT)
+        model.bn.running_var.mul_(2.0)  # in place: the graph reads it where it is
+        torch.testing.assert_close(fn(model, x, y, inputs[2]), stateful_forward(model, x, y, inputs[2]), **TIGHT)
+    if result is not None:
+        graphed = result.cudagraph
+        assert graphed is not None and graphed.graphs
+        assert len(graphed.static_positions) == sum(flags.values()) == len(flags) - 3
+
+
 def test_second_instance_of_the_same_class_gets_its_own_weights():
     torch.manual_seed(0)
     first, second = TwoLayers().eval(), TwoLayers().eval()
@@ -534,3 +640,25 @@ def test_cuda_graph_is_recorded_at_the_second_call_and_replayed_after_it():
     x = torch.randn(64, device="cuda")
     torch.testing.assert_close(graphed([x, weight])[0], x * weight + 1)
     assert graphed.records == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("how", ["invalidate", "evict"])
+def test_cuda_graphs_record_again_after_every_graph_was_dropped(how):
+    """A background build swapped in drops every graph (`invalidate`), and with
+    ``max_shapes=1`` a new shape evicts the only one. The memory pool of graphs that are all
+    destroyed is released by torch's allocator; capturing into it again failed with an
+    internal assert (``use_count > 0``) and left the forward uncaptured."""
+    from trt_subgraph.runtime import CUDAGraphForward
+
+    weight = torch.randn(64, device="cuda")
+    graphed = CUDAGraphForward(lambda args: [args[0] * args[1] + 1], static_positions=[1], max_shapes=1)
+    sizes = [64, 64, 64] if how == "invalidate" else [64, 64, 32, 32, 32]
+    for i, size in enumerate(sizes + sizes):
+        if how == "invalidate" and i == len(sizes):
+            graphed.invalidate()
+        x = torch.randn(size, device="cuda")
+        torch.testing.assert_close(graphed([x, weight[:size] if size != 64 else weight])[0], x * weight[:size] + 1)
+    assert graphed.failed is None
+    assert graphed.records == (2 if how == "invalidate" else 4)

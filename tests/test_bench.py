@@ -713,6 +713,25 @@ def test_size_sweep_case_calls_each_size_in_order_against_its_own_reference(monk
     assert [e["size"] for e in res["per_size"]] == [1]  # what was done before the failure
 
 
+def test_a_trt_subgraph_sweep_counts_every_compilation_beyond_the_reports_kept(monkeypatch):
+    """`trt_subgraph.reports()` keeps the last few reports; the sweep's counts keep them all."""
+    import trt_subgraph
+    from trt_subgraph import report
+    from trt_subgraph.bench import _case
+
+    monkeypatch.setattr(report, "_KEPT", 1)
+    spec = _sweep_spec(backend="trt_subgraph", trt_options={"engine": "eager", "cache": False, "build_workers": 0})
+    res = _case.run_case(spec)
+    assert res["status"] == "ok", res.get("error")
+    # batch 1 is specialized, batch 3 compiles the dynamic graph, batch 2 reuses it
+    assert [e["trt_compiles"] for e in res["per_size"]] == [1, 1, 0]
+    assert res["trt_sweep_compiles"] == 2 and len(trt_subgraph.reports()) == 1
+    builds = [e["trt_totals"].get("builds", 0) for e in res["per_size"]]
+    assert builds[0] > 0 and builds[1] > 0 and builds[2] == 0
+    assert res["trt_sweep_totals"]["builds"] == sum(builds)
+    assert res["trt_sweep_totals"]["fallbacks"] == res["trt_sweep_totals"]["fallback_nodes"] == 0
+
+
 def test_seq_sweep_of_a_factory_model_rebuilds_only_its_inputs(helper_module, tmp_path, monkeypatch):
     from trt_subgraph.bench import _case
 

@@ -7,7 +7,9 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
+import pytest
 import torch
 
 import trt_subgraph
@@ -112,7 +114,7 @@ def test_damaged_entries_are_dropped_and_rebuilt(tmp_path, caplog):
     cache_dir = tmp_path / "c"
     first = compile_encoder(cache_dir)
     entries = DiskCache(cache_dir).entries()
-    assert len(entries) == first.totals["unique_subgraphs"]
+    assert len(entries) == first.totals["unique_subgraphs"] + 1  # and the graph's plan
     for info in entries:  # flip one payload byte in every entry
         data = bytearray(info.path.read_bytes())
         data[-10] ^= 0xFF
@@ -166,3 +168,85 @@ def test_loading_an_entry_leaves_no_temporary_directory(tmp_path, monkeypatch):
     report = compile_encoder(cache_dir)
     assert {s.status for s in report.subgraphs} == {"disk_hit"}
     assert len(seen) == len(report.subgraphs) and all(listing == [] for listing in seen), seen
+
+
+@pytest.fixture
+def process_settings():
+    """This process's numerics settings, restored after the test."""
+    from torch._inductor import config as inductor_config
+
+    from trt_subgraph import _compat
+
+    settings, threads = _compat.compile_settings(), inductor_config.compile_threads
+    yield
+    _compat.apply_compile_settings(settings)
+    inductor_config.compile_threads = threads
+
+
+NUMERICS = {  # a process setting that changes what float32 code computes: how to change it
+    "tf32 matmuls": lambda: torch.set_float32_matmul_precision("high"),
+    "bf16 matmuls": lambda: torch.set_float32_matmul_precision("medium"),
+    "cudnn tf32 off": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
+    "deterministic": lambda: torch.use_deterministic_algorithms(True),
+    "deterministic, warn only": lambda: torch.use_deterministic_algorithms(True, warn_only=True),
+    "default dtype": lambda: torch.set_default_dtype(torch.float64),
+    "bf16 reduced-precision reductions off": lambda: setattr(
+        torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False
+    ),
+}
+
+
+def _key(sub):
+    from trt_subgraph.cache import make_key
+    from trt_subgraph.engines.eager import EagerEngine
+    from trt_subgraph.options import Options
+
+    return make_key(build.ArtifactStore(EagerEngine(), Options(cache=False)).key_parts(sub))
+
+
+@pytest.mark.parametrize("change", list(NUMERICS))
+def test_every_numerics_setting_is_in_the_key(process_settings, change):
+    sub = types.SimpleNamespace(fingerprint="0" * 32, example_inputs=[torch.zeros(2, device="meta")])
+    before = _key(sub)
+    NUMERICS[change]()
+    assert _key(sub) != before  # `make_key` takes plain data only: no dtype slipped in
+
+
+def test_the_thread_count_is_in_the_key_of_cpu_subgraphs_only(process_settings):
+    cpu, meta = (
+        types.SimpleNamespace(fingerprint="0" * 32, example_inputs=[torch.zeros(2, device=device)])
+        for device in ("cpu", "meta")
+    )
+    before = _key(cpu), _key(meta)
+    torch.set_num_threads(1 if torch.get_num_threads() != 1 else 2)
+    assert _key(cpu) != before[0] and _key(meta) == before[1]
+
+
+def test_an_entry_built_under_other_numerics_settings_is_not_loaded(tmp_path, process_settings):
+    """Loaded under the settings it was built with; built again, and kept apart, under others."""
+    cache_dir = tmp_path / "c"
+    assert {s.status for s in compile_encoder(cache_dir).subgraphs} == {"built"}
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = False
+    assert {s.status for s in compile_encoder(cache_dir).subgraphs} == {"built"}
+    assert {s.status for s in compile_encoder(cache_dir).subgraphs} == {"disk_hit"}
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = True
+    assert {s.status for s in compile_encoder(cache_dir).subgraphs} == {"disk_hit"}
+
+
+def test_a_worker_takes_on_the_numerics_settings_it_is_sent(process_settings):
+    """`apply_compile_settings` reproduces `process_state`, so worker builds match the keys."""
+    from trt_subgraph import _compat
+
+    for change in NUMERICS.values():
+        change()
+    want = _compat.compile_settings()
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(False)
+    torch.set_default_dtype(torch.float32)
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+    assert _compat.process_state() != want["process"]
+    _compat.apply_compile_settings(want)
+    assert _compat.process_state() == want["process"]

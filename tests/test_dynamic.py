@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import hf_models
 import pytest
 import torch
 import torch.nn as nn
@@ -98,20 +99,45 @@ def test_sequence_length_slicing_of_a_position_table():
     check_dynamic_report(reports[-1])
 
 
+@pytest.mark.parametrize("name", ["encoder", "decoder"])
+def test_dynamic_benchmark_models_run_every_tensor_op_in_engines(name):
+    """The automatic dynamic graph runs no node in PyTorch: size arithmetic (``s0 * 16``, the rows
+    of a batch of sequences) is no tensor work, so it is no fallback op. Every block shares one
+    region key, the first one too (its input comes straight from the graph's inputs)."""
+    from trt_subgraph.bench import models
+
+    model, _ = models.build(name, depth=3, width=32, seq=16, heads=2)
+    fn = compiled(model, engine="eager")
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            (ids,) = models.make_inputs(name, model, batch=batch, seq=16, seed=batch)
+            torch.testing.assert_close(fn(ids), model(ids), **TOL)
+    static, dynamic = trt_subgraph.reports()
+    for report in (static, dynamic):
+        assert report.fallback_ops == {} and report.totals["fallbacks"] == 0, str(report)
+    assert dynamic.regions["regions"] == 5 and dynamic.regions["lowered"] == 3, str(dynamic)  # glue, block, glue
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_blocks_fed_by_the_graph_inputs_share_the_region_of_the_others(dynamic):
+    """Three identical blocks and nothing else: the first block's inputs are the graph's own
+    (real tensors, a real batch size), the others' are traced values; one region key for all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Block() for _ in range(3))).eval()
+    fn = compiled(model, dynamic=dynamic, engine="eager")
+    with torch.no_grad():
+        for batch in (5, 7, 9):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(fn(x), model(x), **TOL)
+    report = trt_subgraph.last_report()
+    assert report.regions["regions"] == 3 and report.regions["lowered"] == 1, str(report)
+    assert report.totals["builds"] == report.totals["unique_subgraphs"] == 1, str(report)
+
+
 def test_bert_with_dynamic_batch_and_sequence_builds_once():
     """Hugging Face BERT (small config, random weights), batch and sequence length dynamic."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        pad_token_id=0,
-    )
     torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = hf_models.bert().eval()
     fn = compiled(model, cache=False)
     with torch.no_grad():
         for batch, length in ((2, 8), (3, 8), (5, 11), (4, 13)):
@@ -399,20 +425,10 @@ def test_rows_that_mix_are_never_padded(fn, reason):
     assert why is not None and reason in why, why
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", pytest.param("gpt2", marks=hf_models.ONE_GRAPH_WITH_CACHE)])
 def test_transformers_with_attention_masks_may_be_padded(name):
     """Their masks index the batch with its own arange(B): row r reads row r."""
-    transformers = pytest.importorskip("transformers")
-    if name == "bert":
-        config = transformers.BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-        )
-        model = transformers.BertModel(config)
-    else:
-        config = transformers.GPT2Config(
-            vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2
-        )
-        model = transformers.GPT2Model(config)
+    model = hf_models.bert(num_hidden_layers=1) if name == "bert" else hf_models.gpt2(n_layer=1)
     captured = {}
 
     def inference(gm, fakes):
@@ -515,6 +531,43 @@ def test_sparse_on_with_a_dynamic_batch_chooses_the_algorithm_per_m(monkeypatch,
 
 
 # ------------------------------------------------------------------ CUDA graphs per shape
+
+
+def test_replays_key_on_activation_shapes_and_record_again_when_a_weight_changes(monkeypatch):
+    """The host side of CUDA graph replays, on a CPU (a recorded graph that replays nothing): one
+    graph per shape of the activations and value of the sizes; a replaced weight or one updated
+    in place records again."""
+    from trt_subgraph import runtime
+
+    def forward(args):
+        return [args[0] @ args[2] + args[1]]
+
+    recorded = []
+
+    def record(self, signature, args, addresses):
+        recorded.append(signature)
+        static = [(i, a.clone()) for i, a in enumerate(args) if i != 2 and isinstance(a, torch.Tensor)]
+        graph = types.SimpleNamespace(replay=lambda: None)
+        self.graphs[signature] = runtime._Recorded(graph, static, forward(args), addresses)
+        return self.graphs[signature]
+
+    monkeypatch.setattr(runtime.CUDAGraphForward, "_record", record)
+    weight = torch.randn(16, 16)
+    graphed = runtime.CUDAGraphForward(forward, static_positions=[2])
+    x = torch.randn(3, 16)
+    for _ in range(3):
+        graphed([x, 3, weight])
+    assert recorded == [((3, 16), 3)]  # the weight's shape is no part of the signature
+    graphed([torch.randn(5, 16), 5, weight])
+    graphed([torch.randn(5, 16), 5, weight])
+    assert recorded == [((3, 16), 3), ((5, 16), 5)]
+    with torch.no_grad():
+        weight.mul_(2)
+    graphed([x, 3, weight])
+    replaced = [torch.randn(16, 16), torch.randn(16, 16)]  # both alive: two addresses
+    graphed([x, 3, replaced[0]])
+    graphed([x, 3, replaced[1]])
+    assert recorded == [((3, 16), 3), ((5, 16), 5)] + [((3, 16), 3)] * 3
 
 
 @pytest.mark.cuda

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import hf_models
 import pytest
 import torch
 import torch.nn as nn
@@ -55,6 +56,7 @@ def test_encoder_traces_one_block_not_twelve(monkeypatch):
         "reason": "repeated blocks found by nn_module_stack",
         "regions": 14,
         "lowered": 3,
+        "plan": "off (disk cache off)",
     }
     assert len(sizes) == 3
     assert report.totals["builds"] == 3 and report.totals["reuses"] == 11
@@ -307,18 +309,15 @@ def test_fingerprint_names_only_callables_whose_name_is_the_callable():
 
 
 def _hf_llama(layers=4):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    torch.manual_seed(0)
+    return hf_models.llama(
         vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaModel(config).eval()  # random weights, nothing downloaded
+        pad_token_id=None,
+    ).eval()
 
 
 def test_hugging_face_llama_takes_the_region_path(monkeypatch):

@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 
+import hf_models
 import pytest
 import torch
 import torch.nn as nn
 
 import trt_subgraph
-from trt_subgraph import engines, saved
+from trt_subgraph import engines, pipeline, runtime, saved
 from trt_subgraph.bench import models
 from trt_subgraph.engines.eager import EagerEngine
 from trt_subgraph.sparsity import analyze_weight, prune_2_4
@@ -138,7 +139,11 @@ def test_the_whole_graph_path_round_trips_too(tmp_path):
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()  # no repeated blocks
     x = torch.randn(3, 16)
     compiled = aot_compile(model, (x,))
-    assert trt_subgraph.last_report().regions == {"path": "whole graph", "reason": "no repeated blocks"}
+    assert trt_subgraph.last_report().regions == {
+        "path": "whole graph",
+        "reason": "no repeated blocks",
+        "plan": "stored",
+    }
     path = trt_subgraph.save(compiled, tmp_path / "mlp.tsg")
     run = trt_subgraph.load(path, model)
     report = trt_subgraph.last_report()
@@ -146,6 +151,58 @@ def test_the_whole_graph_path_round_trips_too(tmp_path):
     with torch.no_grad():
         fresh = torch.randn(3, 16)
         torch.testing.assert_close(run(fresh), model(fresh), **TIGHT)
+
+
+def test_a_loaded_function_keeps_the_cudagraph_options_and_batch_padding(tmp_path, monkeypatch):
+    """``cudagraph_max_shapes`` and ``cudagraph_sizes`` reach the loaded forward's CUDA graphs. On
+    a CPU the forward is made to plan CUDA graphs (never called as such: only its plan is read)."""
+    monkeypatch.setattr(runtime, "cudagraph_blocker", lambda inputs: None)
+    model, x = _blocks(), torch.randn(3, 16)
+    torch._dynamo.mark_dynamic(x, 0)
+    options = {"cudagraphs": True, "cudagraph_max_shapes": 3, "cudagraph_sizes": [4, 2]}
+    compiled = aot_compile(model, (x,), **options)
+    assert trt_subgraph.last_report().cudagraphs == "on (batch padded to 2, 4)"
+    path = trt_subgraph.save(compiled, tmp_path / "blocks.tsg")
+    assembled = []
+    real = pipeline.assemble
+    monkeypatch.setattr(
+        pipeline, "assemble", lambda *args, **kwargs: assembled.append(real(*args, **kwargs)) or assembled[-1]
+    )
+    trt_subgraph.load(path, model)
+    (forward,) = assembled
+    graphed = forward.cudagraph
+    assert graphed.max_shapes == 3 and graphed.padding is not None and graphed.padding.sizes == (2, 4)
+    assert trt_subgraph.last_report().cudagraphs == "on (batch padded to 2, 4)"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_loaded_function_pads_the_batch_and_replays_cuda_graphs(tmp_path):
+    model, x = _blocks().cuda(), torch.randn(3, 16, device="cuda")
+    torch._dynamo.mark_dynamic(x, 0)
+    options = {"engine": "inductor", "cudagraphs": True, "cudagraph_max_shapes": 3, "cudagraph_sizes": [2, 4]}
+    path = trt_subgraph.save(aot_compile(model, (x,), **options), tmp_path / "blocks.tsg")
+    run = trt_subgraph.load(path, model)
+    assert trt_subgraph.last_report().cudagraphs == "on (batch padded to 2, 4)"
+    with torch.no_grad():
+        for batch in (2, 3, 3, 4, 3):  # 3 and 4 replay one graph from the second call of 3 on
+            fresh = torch.randn(batch, 16, device="cuda")
+            torch.testing.assert_close(run(fresh), model(fresh), **TIGHT)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+def _blocks() -> nn.Module:
+    """Three identical blocks of parameters only (a saved function takes buffers for activations)."""
+    torch.manual_seed(0)
+    return nn.Sequential(*(_Block() for _ in range(3))).eval()
 
 
 def test_a_changed_file_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch):
@@ -243,29 +300,36 @@ def test_weights_of_another_sparsity_pattern_than_the_saved_ones_are_refused(tmp
             trt_subgraph.load(path, dense)(*inputs)
 
 
+def keep_portable_guards(entries):
+    """``torch.compiler.keep_portable_guards_unsafe`` (in torch 2.13, not in 2.10), written out as
+    the README says for a torch without it: the tensor (not global), shape and global-state guards."""
+    return [
+        g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (g.guard_type == "TENSOR_MATCH" and not g.is_global)
+        for g in entries
+    ]
+
+
 def test_a_hugging_face_llama_round_trips_with_portable_guards(tmp_path):
     """torch cannot save the identity guards Dynamo puts on a transformers model (ID_MATCH); the
     portable guard filter keeps the tensor, shape and global-state guards."""
     from torch._dynamo.utils import counters
 
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    torch.manual_seed(0)
+    model = hf_models.llama(
         vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        pad_token_id=None,
         use_cache=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaModel(config).eval()
+    ).eval()
 
     def hidden(model, ids):
         return model(ids).last_hidden_state
 
-    options = {"engine": "eager", "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
+    guard_filter = getattr(torch.compiler, "keep_portable_guards_unsafe", keep_portable_guards)
+    options = {"engine": "eager", "guard_filter_fn": guard_filter}
     with torch.no_grad():
         compiled = torch.compile(hidden, fullgraph=True, backend="trt_subgraph", options=options)
         compiled = compiled.aot_compile(((model, torch.randint(0, 128, (2, 8))), {}))

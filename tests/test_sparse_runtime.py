@@ -36,9 +36,11 @@ def on_cuda(test):
 def fresh_registry():
     sr.SPARSE_WEIGHTS.clear()
     sr._DECISIONS.clear()
+    sr._UNMEASURED.clear()
     yield
     sr.SPARSE_WEIGHTS.clear()
     sr._DECISIONS.clear()
+    sr._UNMEASURED.clear()
 
 
 @pytest.fixture
@@ -290,6 +292,70 @@ def test_a_failed_measurement_keeps_the_layer_dense_and_says_why(available, monk
         (False, "measurement failed (no cuSPARSELt algorithm runs)")
     ] * 2
     assert OP not in ops(info["gm"])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_auto_records_the_timings_of_a_bare_pruned_linear(available, monkeypatch, tmp_path, bias):
+    """The model is the layer itself (module path ''): `prune_2_4` prunes it, and "auto" measures
+    it and puts both times in its record (the CUDA test's contract, with a fake timer)."""
+    monkeypatch.setattr(sr, "measure", lambda *args: (2.0, 1.0, 5))
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32, bias=bias).half().eval()
+    assert prune_2_4(model).pruned == ("",)
+    for m, cudagraphs in [(32, True), (16, False)]:
+        torch.compiler.reset()
+        compiled, info = compile_with_rewrite(model, "auto", cudagraphs=cudagraphs, cache_dir=tmp_path)
+        with torch.no_grad():
+            x = torch.randn(m, 64, dtype=torch.float16)
+            expected = F.linear(x.float(), model.weight.float(), model.bias.float() if bias else None)
+            torch.testing.assert_close(compiled(x).float(), expected, **FP16)
+        (record,) = info["records"]
+        assert record["eligible"], record
+        assert (record["dense_ms"], record["sparse_ms"], record["algorithm"], record["sparse"]) == (2.0, 1.0, 5, True)
+    assert len(json.loads((tmp_path / sr.DECISIONS_FILE).read_text())) == 2
+
+
+def test_a_failed_run_time_measurement_does_not_answer_for_auto(available, monkeypatch):
+    """The op's per-M measurement (dynamic M) failing keeps cuSPARSELt's default for that M, and a
+    later "auto" compile at that M measures rather than reading timings that do not exist."""
+
+    def fail(*args):
+        raise RuntimeError("no cuSPARSELt algorithm runs")
+
+    monkeypatch.setattr(sr, "measure", fail)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU-only torch raises
+    assert sr._algorithm_for(32, 64, 64, torch.float16, torch.device("cpu"), True, True) == 0
+    assert sr._algorithm_for(32, 64, 64, torch.float16, torch.device("cpu"), True, True) == 0  # not retried
+    monkeypatch.setattr(sr, "measure", lambda *args: (1.0, 0.5, 7))
+    compiled, info = compile_with_rewrite(twins(), "auto")
+    with torch.no_grad():
+        compiled(torch.randn(32, 64, dtype=torch.float16))
+    assert [(r["sparse"], r["dense_ms"], r["sparse_ms"], r["algorithm"]) for r in info["records"]] == [
+        (True, 1.0, 0.5, 7)
+    ] * 2
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dense_ms": None, "sparse_ms": None, "algorithm": 0},
+        {"dense_ms": 1.0, "sparse_ms": 0.0, "algorithm": 0},
+        {"dense_ms": 1.0, "sparse_ms": 0.5, "algorithm": True},
+        {"dense_ms": "1", "sparse_ms": 0.5, "algorithm": 0},
+    ],
+)
+def test_a_decisions_file_entry_without_measured_times_is_measured_again(available, monkeypatch, tmp_path, entry):
+    calls = []
+    monkeypatch.setattr(sr, "measure", lambda *args: calls.append(args) or (1.0, 0.5, 7))
+    key = sr._decision_key(32, 64, 64, torch.float16, torch.device("cpu"), True, True)
+    (tmp_path / sr.DECISIONS_FILE).write_text(json.dumps({key: entry}))
+    compiled, info = compile_with_rewrite(twins(), "auto", cache_dir=tmp_path)
+    with torch.no_grad():
+        compiled(torch.randn(32, 64, dtype=torch.float16))
+    assert len(calls) == 1
+    assert [r["dense_ms"] for r in info["records"]] == [1.0, 1.0]
+    saved = json.loads((tmp_path / sr.DECISIONS_FILE).read_text())
+    assert saved[key] == {"dense_ms": 1.0, "sparse_ms": 0.5, "algorithm": 7}
 
 
 @pytest.mark.parametrize("dense_ms, sparse", [(1.0, True), (0.5, False)])

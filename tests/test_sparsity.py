@@ -289,6 +289,17 @@ def test_prune_keeps_two_largest_and_passes_check(caplog):
     assert rows == {r.name: r for r in check(model).rows}
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(16, 8), nn.Conv2d(16, 8, 1)], ids=["linear", "conv"])
+def test_prune_and_check_a_bare_layer(layer):
+    """The model is the layer (module path ''): its weight is its own, not tied to ``weight``."""
+    (row,) = check(layer).rows
+    assert row.shared_with == () and not row.pattern_ok
+    report = prune_2_4(layer)
+    assert report.pruned == ("",) and report.skipped == {}
+    (row,) = check(layer).rows
+    assert row.pattern_ok and row.shared_with == ()
+
+
 def test_prune_selected_layers_fp16():
     model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8)).half()
     before = model[1].weight.detach().clone()

@@ -134,7 +134,7 @@ def test_worker_builds_are_stored_under_the_same_keys_and_load_concurrently(tmp_
         return real_deserialize(self, payload, sub)
 
     monkeypatch.setattr(InductorEngine, "deserialize", deserialize)
-    warm = compile_and_run(model, x, build_workers=0, cache_dir=tmp_path)
+    warm = compile_and_run(model, x, build_workers=0, cache_dir=tmp_path, plan_cache=False)  # lowered again
     report = trt_subgraph.last_report()
     assert report.totals["disk_hits"] == 3 and report.totals["builds"] == 0
     assert len(loaded_in) == 3 and all(name.startswith("trt_subgraph-fetch") for name in loaded_in)

@@ -28,10 +28,22 @@ from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
 from torch.fx.experimental.proxy_tensor import unset_fake_temporarily
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
-from torch.fx.passes.tools_common import stable_topological_sort
 from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule
 from torch.fx.passes.utils.fuser_utils import insert_subgm as _insert_subgm
 from torch.multiprocessing.reductions import StorageWeakRef
+
+try:  # torch >= 2.10
+    from torch.fx.passes.tools_common import stable_topological_sort
+except ImportError:  # torch 2.8 and 2.9: only inductor's, which sorts a Graph in place
+
+    def stable_topological_sort(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """Put `gm`'s nodes in an order where each comes after its inputs, moving as few as
+        possible (in place; returns `gm`)."""
+        from torch._inductor.pattern_matcher import stable_topological_sort as sort_graph
+
+        sort_graph(gm.graph)
+        return gm
+
 
 __all__ = [
     "CapabilityBasedPartitioner",
@@ -56,7 +68,9 @@ __all__ = [
     "custom_meta_reaches_aten_nodes",
     "decomposed_while_tracing",
     "detect_fake_mode",
+    "dynamo_static_input",
     "erase_nodes",
+    "fp32_precision_in_effect",
     "fresh_shape_env",
     "fuse_as_graphmodule",
     "graph_pickle",
@@ -119,14 +133,28 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
     `fake_mode`: the FakeTensorMode (with its own ShapeEnv) of symbolic `example_inputs`; the
     compile then reasons about their size symbols there. ``dynamic_shapes="from_tracing_context"``
     inside a TracingContext of that mode exists in torch 2.8 to 2.13 (a ``fake_mode`` argument
-    does not before 2.12); None: static example inputs (``"from_graph"``).
+    does not before 2.12); None: static example inputs, real ones compiled ``"from_graph"``, fake
+    ones copied into a fresh fake mode first (see below).
     """
     from torch._guards import TracingContext, tracing
     from torch._inductor import standalone_compile as _standalone_compile
+    from torch._subclasses.fake_tensor import FakeTensor
 
     on_cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in example_inputs)
     aot = {"aot": True} if aot_artifacts() else {}
-    with pinned_cpu_vec_isa() if on_cpu else contextlib.nullcontext():
+    if fake_mode is None and any(isinstance(x, FakeTensor) for x in example_inputs):
+        # Static fake inputs of another fake mode (the caller's aot_autograd trace): torch 2.13
+        # copies them into the fresh mode that "from_graph" compiles in; 2.8 to 2.10 assert that
+        # they are of that mode. So they are copied into a fresh mode here, on every version.
+        fake_mode = new_fake_mode()  # with a ShapeEnv: aot_autograd saves no artifact without one
+        with unset_fake_temporarily():
+            example_inputs = [
+                fake_mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+                for x in example_inputs
+            ]
+    # No fake mode of the caller's stays active: torch 2.8 to 2.10 assert that an active one is
+    # the compile's own.
+    with pinned_cpu_vec_isa() if on_cpu else contextlib.nullcontext(), unset_fake_temporarily():
         if fake_mode is None:
             return _standalone_compile(gm, example_inputs, dynamic_shapes="from_graph", **aot)
         with tracing(TracingContext(fake_mode)):
@@ -288,45 +316,123 @@ def apply_compile_settings(settings: dict[str, Any]) -> None:
         torch.set_num_threads(want["num_threads"])
     if have["default_dtype"] != want["default_dtype"]:
         torch.set_default_dtype(want["default_dtype"])
-    if have["float32_matmul_precision"] != want["float32_matmul_precision"]:  # setting it sets fp32_precision
-        torch.set_float32_matmul_precision(want["float32_matmul_precision"])
-    if process_state()["fp32_precision"] != want["fp32_precision"]:
-        matmul.fp32_precision = want["fp32_precision"]
+    if have["fp32_precision"] != want["fp32_precision"]:
+        _set_fp32_precision(want["fp32_precision"])
     if have["deterministic"] != want["deterministic"]:
-        torch.use_deterministic_algorithms(want["deterministic"][0], warn_only=want["deterministic"][1])
+        enabled, warn_only, fill = want["deterministic"]
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
     if have["reduced_precision"] != want["reduced_precision"]:
-        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = want[
-            "reduced_precision"
-        ]
+        fp16, bf16, fp16_accumulation = want["reduced_precision"]
+        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = fp16, bf16
+        if fp16_accumulation is not None:
+            matmul.allow_fp16_accumulation = fp16_accumulation
+
+
+# torch's float32 precision settings (torch >= 2.9), (backend, op), each general one before the
+# specific ones under it, since setting a general one sets those too. "tf32", "bf16" (oneDNN) or
+# "ieee"; "none" defers to the general one. Besides them, and alone before them, the legacy
+# switches: `set_float32_matmul_precision` and ``torch.backends.cudnn.allow_tf32``.
+_FP32_PRECISIONS = (
+    ("generic", "all"),
+    ("cuda", "all"),
+    ("cuda", "matmul"),
+    ("cuda", "conv"),
+    ("cuda", "rnn"),
+    ("mkldnn", "all"),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+)
+
+
+def _fp32_precision() -> dict[str, Any]:
+    """How float32 matmuls, convolutions and RNNs may round, on every backend this torch has."""
+
+    def legacy(read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except RuntimeError:  # torch >= 2.9 refuses to answer once both APIs set different things
+            return "mixed"
+
+    found = {
+        "legacy": {
+            "matmul": legacy(torch.get_float32_matmul_precision),
+            "cudnn_tf32": legacy(lambda: torch.backends.cudnn.allow_tf32),
+        }
+    }
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    for backend, op in _FP32_PRECISIONS if getter is not None else ():
+        try:
+            found[f"{backend}.{op}"] = getter(backend, op)
+        except RuntimeError:  # a backend or op this torch does not have
+            continue
+    return found
+
+
+def fp32_precision_in_effect(precision: dict[str, Any]) -> dict[str, Any]:
+    """`process_state`'s ``fp32_precision`` as torch applies it: each op's own setting, else its
+    backend's, else the generic one, and "none" left at all three is "ieee" (no rounding). Two
+    states that compute alike give the same answer (``highest`` after ``high`` sets "ieee" where
+    a fresh process has "none")."""
+    found = {"legacy": precision["legacy"]}
+    for name, own in precision.items():
+        backend, _, op = name.partition(".")
+        if name != "legacy" and op != "all":
+            chain = (own, precision.get(f"{backend}.all", "none"), precision.get("generic.all", "none"))
+            found[name] = next((value for value in chain if value != "none"), "ieee")
+    return found
+
+
+def _set_fp32_precision(want: dict[str, Any]) -> None:
+    """Make `_fp32_precision` give `want` (where it says "mixed", as closely as torch allows)."""
+    if want["legacy"]["matmul"] != "mixed":
+        torch.set_float32_matmul_precision(want["legacy"]["matmul"])
+    if want["legacy"]["cudnn_tf32"] != "mixed":
+        torch.backends.cudnn.allow_tf32 = want["legacy"]["cudnn_tf32"]
+    for name, value in want.items():  # general first: `_FP32_PRECISIONS`' order
+        if name != "legacy":
+            torch._C._set_fp32_precision_setter(*name.split("."), value)
 
 
 def process_state() -> dict[str, Any]:
-    """The process-wide settings that inductor's own cache keys hold besides its config: the CPU
-    thread count (C++ kernels specialize on it), the default dtype, the float32 matmul precision
-    (TF32), deterministic algorithms and reduced-precision reductions."""
+    """The process-wide settings that change what a build generates or the numbers it computes,
+    beyond the compiler's config: what inductor's own cache keys hold (the CPU thread count, which
+    C++ kernels specialize on; the default dtype; deterministic algorithms with their warn-only
+    and fill-uninitialized-memory modes; reduced-precision reductions) and the float32 precision
+    (TF32, bf16) of matmuls and of convolutions (cuDNN's TF32, which inductor's convolution
+    templates read and its keys miss), with fp16 accumulation in cuBLAS (None where this torch has
+    no such setting)."""
     matmul = torch.backends.cuda.matmul
     return {
         "num_threads": torch.get_num_threads(),
         "default_dtype": torch.get_default_dtype(),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "fp32_precision": getattr(matmul, "fp32_precision", None),
+        "fp32_precision": _fp32_precision(),
         "deterministic": (
             torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory,
         ),
         "reduced_precision": (
             matmul.allow_fp16_reduced_precision_reduction,
             matmul.allow_bf16_reduced_precision_reduction,
+            getattr(matmul, "allow_fp16_accumulation", None),
         ),
     }
 
 
 def tracing_with_fake_mode(inputs: list) -> Any:
-    """A fresh TracingContext on the fake mode in use, so a nested aot_autograd call (one
-    region of a Dynamo graph) neither reads nor overwrites the outer graph's context."""
+    """A fresh TracingContext on the fake mode of the fake tensors among `inputs` (else the fake
+    mode in use), so a nested aot_autograd call (one region of a Dynamo graph) neither reads nor
+    overwrites the outer graph's context. Inside a backend, Dynamo's TracingContext holds a fake
+    mode of its own, not the one of the graph's example values; torch 2.13 lets that context's
+    mode win, torch 2.8 to 2.10 assert that both are one mode."""
     from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensor
 
-    fake_mode = detect_fake_mode(inputs)
+    fake_mode = next((x.fake_mode for x in inputs if isinstance(x, FakeTensor)), None)
+    if fake_mode is None:
+        fake_mode = detect_fake_mode(inputs)
     return tracing(TracingContext(fake_mode)) if fake_mode is not None else contextlib.nullcontext()
 
 
@@ -363,10 +469,24 @@ def cslt_compress(weight: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(weight)
 
 
+def dynamo_static_input(placeholder: torch.fx.Node) -> bool:
+    """Whether Dynamo marked the tensor of this graph input as having a static address, as it
+    marks every parameter and buffer of the modules it traces (``mark_static_address``, also
+    callable by users), read from the ``tensor_dict`` it keeps in the placeholder's meta (torch
+    2.8 to 2.13; False where a torch keeps none)."""
+    return (placeholder.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type") is not None
+
+
 def version_counter(tensor: torch.Tensor) -> int:
     """The tensor's in-place version counter (``_version``): bumped by every in-place write
     through the tensor itself (not by writes through ``.data``)."""
     return tensor._version
+
+
+def version_counters(tensors: list[torch.Tensor]) -> list[int]:
+    """:func:`version_counter` of each of `tensors` (a per-call check of many weights, without
+    a function call per tensor)."""
+    return [t._version for t in tensors]
 
 
 def cpu_codegen_key() -> dict[str, str]:
@@ -424,6 +544,18 @@ def inductor_config_key() -> str:
 
     save = getattr(config, "save_config_portable", None)
     settings = {k: v for k, v in (save() if save else {}).items() if k not in _CONFIG_NOT_IN_KEY}
+    text = "\n".join(f"{k}={settings[k]!r}" for k in sorted(settings))
+    return xxhash.xxh3_64_hexdigest(text.encode())
+
+
+def aot_config_key() -> str:
+    """A stable digest of aot_autograd's portable config (``torch._functorch.config``): how a
+    graph is lowered to ATen (decompositions, view replay, partitioning) depends on it."""
+    import xxhash
+    from torch._functorch import config
+
+    save = getattr(config, "save_config_portable", None)
+    settings = save() if save else {}
     text = "\n".join(f"{k}={settings[k]!r}" for k in sorted(settings))
     return xxhash.xxh3_64_hexdigest(text.encode())
 
@@ -489,13 +621,14 @@ def set_grad_enabled_call() -> Any:
 
 def vmap_scope_calls() -> tuple[Any, Any] | None:
     """(increment, decrement): the functions Dynamo records around a ``torch.vmap`` body (each
-    increment returns its level, each decrement closes the innermost); None where absent."""
+    increment returns its level, each decrement closes the innermost); None where absent.
+    torch 2.8 records the C functions that torch 2.13's ``torch._functorch.predispatch`` wraps."""
     try:
-        from torch._functorch import predispatch
+        from torch._functorch import predispatch as module
     except ImportError:
-        return None
-    increment = getattr(predispatch, "_vmap_increment_nesting", None)
-    decrement = getattr(predispatch, "_vmap_decrement_nesting", None)
+        module = torch._C._functorch
+    increment = getattr(module, "_vmap_increment_nesting", None)
+    decrement = getattr(module, "_vmap_decrement_nesting", None)
     return (increment, decrement) if increment is not None and decrement is not None else None
 
 
@@ -507,8 +640,14 @@ def harmless_calls() -> tuple[Any, ...]:
         from torch._functorch import predispatch
     except ImportError:
         predispatch = None
-    found = [torch._C._log_api_usage_once, getattr(predispatch, "lazy_load_decompositions", None)]
-    return tuple(f for f in found if f is not None)
+    vmap = importlib.import_module("torch._functorch.vmap")  # 2.8 records its loader; 2.13 predispatch's
+
+    found = [
+        torch._C._log_api_usage_once,
+        getattr(predispatch, "lazy_load_decompositions", None),
+        getattr(vmap, "lazy_load_decompositions", None),
+    ]
+    return tuple(dict.fromkeys(f for f in found if f is not None))
 
 
 def aot_graph_metadata() -> Any:
@@ -811,3 +950,12 @@ def writes_an_argument(target: Any) -> bool:
     """Whether a call target is an op whose schema writes one of its arguments (``aten.add_``,
     an ``out=`` variant, a custom op declared as mutating)."""
     return isinstance(target, OpOverload) and target._schema.is_mutable
+
+
+def functional_all_reduce() -> Callable[..., torch.Tensor]:
+    """``torch.distributed._functional_collectives.all_reduce(tensor, reduce_op, group)``: the
+    all-reduce that Dynamo traces into ``_c10d_functional.all_reduce`` and ``wait_tensor`` ops
+    (tensor parallelism in compiled graphs; torch >= 2.3)."""
+    from torch.distributed._functional_collectives import all_reduce
+
+    return all_reduce

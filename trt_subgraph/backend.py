@@ -8,19 +8,21 @@ the pipeline; graphs that need gradients take inductor's differentiable path ins
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
 import torch
 import torch.fx
 
-from . import engines, memory_format
+from . import engines, memory_format, plan_cache
 from ._compat import (
     OpOverload,
     OpOverloadPacket,
     aot_autograd,
     custom_meta_reaches_aten_nodes,
     decomposed_while_tracing,
+    dynamo_static_input,
     inductor_compile_fx,
     without_aot_autograd_cache,
 )
@@ -59,8 +61,36 @@ def trt_subgraph_backend(
             unsaved="it was compiled with gradients enabled and inputs that require grad (the gradient path); "
             "compile under torch.no_grad() or torch.inference_mode() to save it",
         )
-    _mark_decomposed_ops(gm, opts.torch_executed_ops)
     weight_flags = [_is_weight(p, x) for p, x in zip(placeholders(gm), example_inputs)]
+    key, note = _plan_key(gm, list(example_inputs), weight_flags, opts, engine, capture)
+    if key is not None and (found := plan_cache.lookup(key, opts)) is not None:
+        return found
+    compiled = _lower(gm, list(example_inputs), weight_flags, opts, engine, reason, capture)
+    if key is not None:
+        note = plan_cache.store(key, compiled, opts)
+    if compiled._plan is not None:
+        compiled._plan.report.regions["plan"] = note
+    return compiled
+
+
+def _plan_key(gm, example_inputs, weight_flags, options, engine, capture) -> tuple[str | None, str]:
+    """(the plan cache's key of this graph, "") or (None, why the plan cache is not used)."""
+    if not options.plan_cache or options.disk_cache_dir is None:
+        return None, "off" if not options.plan_cache else "off (disk cache off)"
+    if capture is not None:
+        return None, "off (trt_subgraph.capture)"
+    try:
+        return plan_cache.plan_key(gm, example_inputs, weight_flags, options, engine), ""
+    except plan_cache.NotCacheable as exc:
+        return None, f"not cached ({exc})"
+    except Exception as exc:  # the plan cache must never stop a compile
+        log.warning("trt_subgraph: no plan cache key for this graph (%s: %s)", type(exc).__name__, exc)
+        return None, f"not cached ({type(exc).__name__}: {exc})"
+
+
+def _lower(gm, example_inputs, weight_flags, opts, engine, reason, capture) -> CompiledForward:
+    """The compiled forward of an inference graph, region by region where regions apply."""
+    _mark_decomposed_ops(gm, opts.torch_executed_ops)
     layout = memory_format.apply(gm, opts.memory_format, engine)
     try:
         compiled, why = compile_regions(
@@ -182,12 +212,30 @@ def _mark_decomposed_ops(gm: torch.fx.GraphModule, ops: frozenset[str]) -> None:
 
 
 def _is_weight(placeholder: torch.fx.Node, example: Any) -> bool:
-    """Parameters and buffers of modules (Dynamo lifts them as graph inputs)."""
+    """Whether a graph input is a parameter or buffer of a module (Dynamo lifts them as graph
+    inputs): a weight, static in the forward's CUDA graph; any other input is an activation,
+    copied into the graph at every replay.
+
+    Under ``torch.compile`` Dynamo's source of the input says so (``..._buffers['running_mean']``).
+    Under ``aot_compile`` inputs carry no source: there a parameter is a weight, and so is a
+    tensor whose input name, which Dynamo derives from its source
+    (``L_self_modules_bn_buffers_running_mean_``), names a module's parameters or buffers and
+    which Dynamo marked static, as it marks module state. A tensor the caller passes stays an
+    activation when only one of the two holds: named like a buffer (``L_my_buffers_y_``), or
+    marked static by its user (``torch._dynamo.mark_static_address``).
+    """
     source = getattr(placeholder.meta.get("grapharg"), "source", None)
     name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", "")
     if name:
         return "._parameters[" in name or "._buffers[" in name
-    return isinstance(example, torch.nn.Parameter)
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    from_module = _MODULE_STATE.search(str(placeholder.target)) is not None
+    return isinstance(example, torch.Tensor) and from_module and dynamo_static_input(placeholder)
+
+
+# Dynamo's name for an input reached through a module's ``._parameters[...]``/``._buffers[...]``
+_MODULE_STATE = re.compile(r"_(?:parameters|buffers)_")
 
 
 # ``torch._dynamo.reset()`` calls this: forget all of trt_subgraph's per-process state.

@@ -14,14 +14,16 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from . import __version__, symbolic
+from . import __version__, ranks, symbolic
 from ._compat import (
     apply_compile_settings,
     compile_settings,
+    fp32_precision_in_effect,
     graph_pickle,
     graph_unpickle,
     new_fake_mode,
@@ -56,6 +58,19 @@ def remember(key: str, artifact: Any) -> None:
     _MEMORY[key] = artifact
 
 
+def process_key(sub: CanonicalSubgraph) -> dict[str, Any]:
+    """The process settings an artifact's numbers depend on (`trt_subgraph._compat.process_state`:
+    TF32 and other float32 precisions, the default dtype, deterministic algorithms,
+    reduced-precision reductions), as plain data; the CPU thread count only where the subgraph
+    has CPU tensors, since only C++ kernels specialize on it."""
+    state = process_state()
+    state["default_dtype"] = str(state["default_dtype"]).removeprefix("torch.")
+    state["fp32_precision"] = fp32_precision_in_effect(state["fp32_precision"])
+    if not any(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in sub.example_inputs):
+        del state["num_threads"]
+    return state
+
+
 def device_key(sub: CanonicalSubgraph) -> dict[str, Any]:
     devices = sorted({v.device for v in sub.example_inputs if isinstance(v, torch.Tensor)}, key=str)
     key: dict[str, Any] = {"devices": [d.type for d in devices]}
@@ -67,17 +82,34 @@ def device_key(sub: CanonicalSubgraph) -> dict[str, Any]:
     return key
 
 
+HITS = ("disk_hit", "remote_hit")  # the statuses of an artifact loaded from a persistent cache
+_SOURCES = {"disk_hit": "from the disk cache", "remote_hit": "from the remote cache", "received": "from another rank"}
+
+
 class ArtifactStore:
-    """Finds or builds the artifact for a canonical subgraph and says where it came from."""
+    """Finds or builds the artifact for a canonical subgraph and says where it came from.
+
+    Levels: this process's memory, the local disk cache (`disk`), the fleet's remote cache
+    (`remote`, :class:`~trt_subgraph.cache.remote.RemoteCache`; a remote hit is written to the
+    disk cache too), then a build under the disk cache's per-key lock and the remote cache's
+    build lease (:meth:`claim`), stored in both.
+    """
 
     def __init__(self, engine: Engine, options: Options) -> None:
         self.engine = engine
         self.disk = None
+        self.remote = None
         if options.disk_cache_dir is not None and engine.persistable:
             from .cache import DiskCache
 
             self.disk = DiskCache(options.disk_cache_dir, options.cache_size_limit)
             engine.attach_disk_cache(self.disk)
+        if options.remote_cache is not None and options.cache and engine.persistable:
+            from .cache.remote import open_remote
+
+            self.remote = open_remote(
+                options.remote_cache, ttl=options.remote_cache_ttl, entry_limit=options.remote_cache_entry_limit
+            )
 
     def key_parts(self, sub: CanonicalSubgraph, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -87,13 +119,14 @@ class ArtifactStore:
             "versions": {"torch": torch.__version__, "trt_subgraph": __version__},
             "device": device_key(sub),
             "codegen": self.engine.codegen_key(sub),
+            "process": process_key(sub),
             "extra": extra or {},
         }
 
     def get(
         self, sub: CanonicalSubgraph, weights: list[torch.Tensor], extra: dict[str, Any] | None = None
     ) -> tuple[Any, str, float]:
-        """(artifact, status, seconds) with status ``memory_hit``, ``disk_hit`` or ``built``."""
+        """(artifact, status, seconds) with status ``memory_hit``, ``disk_hit``, ``remote_hit`` or ``built``."""
         from .cache import make_key
 
         parts = self.key_parts(sub, extra)
@@ -108,22 +141,61 @@ class ArtifactStore:
     def load_or_build(
         self, sub: CanonicalSubgraph, weights: list[torch.Tensor], key: str, parts: dict[str, Any], *, load: bool = True
     ) -> tuple[Any, str]:
-        """(artifact, ``disk_hit`` or ``built``): under the key's build lock, the disk cache's
-        artifact (unless `load` is False), else one built here and stored."""
-        if self.disk is None:
-            return self.engine.build(sub, weights), "built"
-        with self.disk.build_lock(key):
-            artifact = self._load(key, sub) if load else None
+        """(artifact, ``disk_hit``, ``remote_hit`` or ``built``): under the key's build lock and
+        lease (:meth:`claim`), the cached artifact (unless `load` is False), else one built here
+        and stored."""
+        with self.claim(key, load=load) as found:
+            artifact = self._load(key, sub, found[0]) if found is not None else None
             if artifact is not None:
-                return artifact, "disk_hit"
+                return artifact, found[1]
             artifact = self.engine.build(sub, weights)
             self._store(key, artifact, parts)
             return artifact, "built"
 
-    def _load(self, key: str, sub: CanonicalSubgraph) -> Any:
-        payload = self.disk.get(key)
-        if payload is None:
-            return None
+    def lookup(self, key: str) -> tuple[bytes, str] | None:
+        """(payload, ``disk_hit`` or ``remote_hit``) of `key` from the disk cache, else from the
+        remote cache (then stored on disk too), else None. Waits for nobody."""
+        payload = self.disk.get(key) if self.disk is not None else None
+        if payload is not None:
+            return payload, "disk_hit"
+        found = self.remote.get(key) if self.remote is not None else None
+        return None if found is None else self._remote_hit(key, found)
+
+    def _remote_hit(self, key: str, found: tuple[dict, bytes]) -> tuple[bytes, str]:
+        header, payload = found
+        if self.disk is not None:
+            self.disk.put(key, payload, {name: header[name] for name in ("engine", "versions", "info")})
+        return payload, "remote_hit"
+
+    @contextlib.contextmanager
+    def claim(self, key: str, *, load: bool = True, lease: bool = True) -> Iterator[tuple[bytes, str] | None]:
+        """Hold `key`'s disk-cache build lock, and yield :meth:`lookup`'s find (unless `load` is
+        False). On a miss (and `lease`): wait for the remote cache's build lease of `key`, and
+        yield the entry another process stored meanwhile, or None with the lease held: the
+        caller builds and :meth:`put` s before leaving the block. Without a remote cache (or
+        without `lease`) a miss yields None at once. Never raises for a cache's faults."""
+        with self.disk.build_lock(key) if self.disk is not None else contextlib.nullcontext():
+            found = self.lookup(key) if load else None
+            if found is not None or not lease:
+                yield found
+                return
+            with self.lease(key) as found:
+                yield found
+
+    @contextlib.contextmanager
+    def lease(self, key: str) -> Iterator[tuple[bytes, str] | None]:
+        """Wait for the remote cache's build lease of `key` (see :meth:`RemoteCache.claim
+        <trt_subgraph.cache.remote.RemoteCache.claim>`): yields (payload, ``remote_hit``) once
+        another process stored the entry (written to the disk cache too), else None with the
+        lease held until the block ends (build and :meth:`put` inside it). Without a remote
+        cache, yields None at once. Never raises for the remote cache's faults."""
+        if self.remote is None:
+            yield None
+            return
+        with self.remote.claim(key) as entry:
+            yield None if entry is None else self._remote_hit(key, entry)
+
+    def _load(self, key: str, sub: CanonicalSubgraph, payload: bytes) -> Any:
         try:
             with self.engine.loading():
                 return self.engine.deserialize(payload, sub)
@@ -132,27 +204,28 @@ class ArtifactStore:
             return None
 
     def _store(self, key: str, artifact: Any, parts: dict[str, Any]) -> None:
+        if self.disk is None and self.remote is None:
+            return
         try:
             payload = self.engine.serialize(artifact)
         except Exception as exc:
-            log.warning(
-                "trt_subgraph: %s artifact could not be serialized (%s); not cached on disk", self.engine.name, exc
-            )
+            log.warning("trt_subgraph: %s artifact could not be serialized (%s); not cached", self.engine.name, exc)
             return
         if payload is not None:
             self.put(key, payload, parts)
 
-    def put(self, key: str, payload: bytes, parts: dict[str, Any]) -> None:
-        """Store an artifact's bytes in the disk cache under `key` (whose :meth:`key_parts` are `parts`)."""
-        self.disk.put(
-            key,
-            payload,
-            {
-                "engine": self.engine.name,
-                "versions": parts["versions"],
-                "info": {"fingerprint": parts["fingerprint"]},
-            },
-        )
+    def put(self, key: str, payload: bytes, parts: dict[str, Any], *, remote: bool = True) -> None:
+        """Store an artifact's bytes in the disk and remote caches (those there are; the disk
+        cache only unless `remote`) under `key` (whose :meth:`key_parts` are `parts`)."""
+        meta = {
+            "engine": self.engine.name,
+            "versions": parts["versions"],
+            "info": {"fingerprint": parts["fingerprint"]},
+        }
+        if self.disk is not None:
+            self.disk.put(key, payload, meta)
+        if self.remote is not None and remote:
+            self.remote.put(key, payload, meta)
 
 
 @dataclasses.dataclass(eq=False)
@@ -197,15 +270,19 @@ class Builds:
     worker has started yet, and the workers the rest (`trt_subgraph.workers`); else they build
     here one after another. A worker's build holds the disk cache's per-key build lock from
     lookup to store, as a build here does, and is stored under the same key. A worker that
-    crashes, hangs or fails leaves its subgraph to a build here, with a warning. Statuses and
+    crashes, hangs or fails leaves its subgraph to a build here, with a warning. With a remote
+    cache, a miss is looked up there too, and every build holds its remote build lease. Statuses and
     counts in the records are those of building one after another (background builds: once
-    :meth:`collect` has them).
+    :meth:`collect` has them). Where torch.distributed ranks split the builds
+    (`trt_subgraph.ranks`), all this applies to this rank's share, and the other ranks' artifacts
+    arrive after it (status ``received``).
     """
 
     def __init__(self, engine: Engine, options: Options, pool: WorkerPool | None = None) -> None:
         self.engine = engine
         self.store = ArtifactStore(engine, options)
         self.pool = pool if engine.builds_in_workers else None
+        self.rank_split = options.rank_split_builds == "auto" and engine.persistable
         self._waiting: list[Pending] = []
         self._first: dict[str, Pending] = {}
         self._later: list[Pending] = []  # building in the background
@@ -240,6 +317,8 @@ class Builds:
         :meth:`request`); returns when they are there or failed."""
         waiting, self._waiting, self._first = self._waiting, [], {}
         firsts = [p for p in waiting if p.first is p]
+        others = self._split(firsts)  # what other ranks build for this one (`trt_subgraph.ranks`)
+        firsts = [p for p in firsts if others is None or p not in others]
         offload = [p for p in firsts if self._in_worker(p) and not p.background]
         later = [p for p in firsts if p.background]
         settings = None
@@ -256,7 +335,7 @@ class Builds:
         # This process builds the largest itself (no worker start-up in its way), then whatever no
         # worker has started yet; the workers build the rest.
         mine = max(offload, key=lambda p: p.sub.num_ops) if offload else None
-        disk = self.store.disk is not None
+        disk = self.store.disk is not None or self.store.remote is not None
         fetched = [p for p in firsts if p not in later and p is not mine and (disk or p in offload)]
         for p in later:  # behind every other build in the workers' queue
             threading.Thread(target=self._fetch, args=(p, True), daemon=True, name="trt_subgraph-later").start()
@@ -269,17 +348,73 @@ class Builds:
                 self._build_here(mine)
                 self._steal(jobs)
             concurrent.futures.wait(jobs.values())
-            loads = [p for p in fetched if p.payload is not None] + [p for p in later if p.status == "disk_hit"]
+            loads = [p for p in fetched if p.payload is not None] + [p for p in later if p.status in HITS]
             self._load_all(loads, threads)
         self._warn_failed(fetched)
         for p in firsts:
-            if not p.done and not (p.background and p.status != "disk_hit"):
+            if not p.done and not (p.background and p.status not in HITS):
                 self._build_here(p)
         for p in later:
             if not p.done:
                 p.record.status = "building"
                 self._later.append(p)
+        if others is not None:
+            self._exchange(firsts, others)
         self._resolve_followers(waiting)
+
+    def _split(self, firsts: list[Pending]) -> list[Pending] | None:
+        """Where the ranks of torch.distributed split this graph's builds (`trt_subgraph.ranks`;
+        every rank calls this once per graph): the requests that other ranks build, each
+        request's `record.rank` set to its owner; else None (this rank builds all)."""
+        if not self.rank_split or ranks.world() is None:
+            return None
+        shared = [p for p in firsts if not p.background]  # background builds stay with each rank
+        owner = ranks.owners({p.key: p.sub.num_ops for p in shared})
+        if owner is None:
+            return None
+        rank = torch.distributed.get_rank()
+        for p in shared:
+            p.record.rank = owner[p.key]
+        return [p for p in shared if owner[p.key] != rank]
+
+    def _exchange(self, mine: list[Pending], others: list[Pending]) -> None:
+        """Send the artifacts this rank owns (those of `mine` whose `record.rank` is this rank)
+        to the other ranks, and get those of `others`: status ``received``, or built here (with
+        a warning) where the owner's build failed or its bytes do not load."""
+        rank = torch.distributed.get_rank()
+        payloads = {p.key: self._payload(p) for p in mine if p.record.rank == rank}
+        start = time.perf_counter()
+        found = ranks.exchange(payloads)
+        for p in others:
+            p.start, p.payload, p.status = start, found.get(p.key), "received"
+            if p.payload is not None:  # a later process here starts warm (the owner filled the remote cache)
+                self.store.put(p.key, p.payload, p.parts, remote=False)
+        self._load_all([p for p in others if p.payload is not None], None)
+        missing = [p for p in others if not p.done]
+        if missing:
+            log.warning(
+                "trt_subgraph: %d subgraph(s) that other ranks were to build did not arrive; building them on rank %d",
+                len(missing),
+                rank,
+            )
+        for p in missing:
+            p.record.rank = rank
+            self._build_here(p)
+
+    def _payload(self, p: Pending) -> bytes | None:
+        """The bytes of `p`'s artifact for the other ranks; None where it failed or does not serialize."""
+        if p.artifact is None:
+            return None
+        try:
+            return self.engine.serialize(p.artifact)
+        except Exception as exc:
+            log.warning(
+                "trt_subgraph: the %s artifact of subgraph %s could not be serialized for the other ranks (%s)",
+                self.engine.name,
+                p.sub.fingerprint,
+                exc,
+            )
+            return None
 
     def _give_tasks(self, offload: list[Pending], settings: dict[str, Any] | None) -> None:
         """After their disk lookups, the worker tasks of the misses among `offload`. Made here,
@@ -373,29 +508,34 @@ class Builds:
 
     def _fetch_bytes(self, p: Pending, offload: bool) -> None:
         p.start = time.perf_counter()
-        disk = self.store.disk
-        with disk.build_lock(p.key) if disk is not None else contextlib.nullcontext():
-            payload = disk.get(p.key) if disk is not None else None
-            if payload is not None:
-                p.payload, p.status = payload, "disk_hit"
+        with self.store.claim(p.key, lease=False) as found:
+            if found is not None:
+                p.payload, p.status = found
                 return
             p.looked_up.set()
             if offload:
                 p.task_ready.wait()
                 if p.task is None:
                     return
-                try:
-                    p.job = self.pool.submit(build_in_worker, p.task, priority=int(p.background))
-                    payload = p.job.result()
-                except concurrent.futures.CancelledError:  # this process took it (`_steal`)
-                    return
-                except Exception as exc:
-                    p.worker_error = f"{type(exc).__name__}: {exc}"
-                    return
-                p.record.worker = True
-                if disk is not None:
-                    self.store.put(p.key, payload, p.parts)
-                p.status, p.payload = "built", payload
+                with self.store.lease(p.key) as found:
+                    if found is not None:
+                        p.payload, p.status = found
+                        return
+                    self._build_in_worker(p)
+
+    def _build_in_worker(self, p: Pending) -> None:
+        """A worker's build of `p`'s task, stored (a failed or cancelled one leaves no bytes)."""
+        try:
+            p.job = self.pool.submit(build_in_worker, p.task, priority=int(p.background))
+            payload = p.job.result()
+        except concurrent.futures.CancelledError:  # this process took it (`_steal`)
+            return
+        except Exception as exc:
+            p.worker_error = f"{type(exc).__name__}: {exc}"
+            return
+        p.record.worker = True
+        self.store.put(p.key, payload, p.parts)
+        p.status, p.payload = "built", payload
 
     def _steal(self, jobs: dict[Pending, concurrent.futures.Future]) -> None:
         """Build here, largest first, what is still queued for a worker."""
@@ -413,7 +553,7 @@ class Builds:
                 "trt_subgraph: the %s artifact of subgraph %s (%s) could not be loaded (%s); building it in this process",
                 self.engine.name,
                 p.sub.fingerprint,
-                "from the disk cache" if p.status == "disk_hit" else "built in a worker",
+                _SOURCES.get(p.status, "built in a worker"),
                 exc,
             )
             p.load_disk, p.record.worker = False, False

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx
 
-__all__ = ["copy_graph", "label_runs", "output_node", "output_values", "placeholders"]
+__all__ = ["copy_graph", "is_size_arithmetic", "label_runs", "output_node", "output_values", "placeholders"]
 
 
 def _graph(gm: torch.fx.GraphModule | torch.fx.Graph) -> torch.fx.Graph:
@@ -29,6 +29,19 @@ def output_values(gm: torch.fx.GraphModule | torch.fx.Graph) -> tuple[Any, ...]:
     """What the graph returns, as a tuple (a single returned value becomes a 1-tuple)."""
     value = output_node(gm).args[0]
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def is_size_arithmetic(node: torch.fx.Node) -> bool:
+    """Whether `node` computes a number from numbers only: arithmetic on symbolic sizes (``s0 *
+    16``, the rows of a batch of sequences) that a dynamic graph has where a static one has a
+    constant. No tensor goes in or comes out, so it launches no kernel and a CUDA graph replay
+    skips it."""
+    number = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    if node.op != "call_function" or not isinstance(node.meta.get("val"), number):
+        return False
+    inputs: list[torch.fx.Node] = []
+    torch.fx.map_arg((node.args, node.kwargs), inputs.append)
+    return all(isinstance(n.meta.get("val"), number) for n in inputs)
 
 
 def label_runs(

@@ -7,6 +7,7 @@ typo cannot go unnoticed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,13 +18,26 @@ import torch
 from ._compat import OpOverload, OpOverloadPacket
 from .cache import DEFAULT_SIZE_LIMIT as DEFAULT_CACHE_SIZE_LIMIT
 from .cache import default_cache_dir
+from .cache.remote import DEFAULT_ENTRY_LIMIT as DEFAULT_REMOTE_ENTRY_LIMIT
+from .cache.remote import DEFAULT_TTL_S as DEFAULT_REMOTE_TTL
+from .cache.remote import check_url
 
-__all__ = ["DEFAULT_CACHE_SIZE_LIMIT", "ENGINES", "MEMORY_FORMATS", "MODES", "SPARSITY", "Options", "default_cache_dir"]
+__all__ = [
+    "DEFAULT_CACHE_SIZE_LIMIT",
+    "ENGINES",
+    "MEMORY_FORMATS",
+    "MODES",
+    "RANK_SPLIT",
+    "SPARSITY",
+    "Options",
+    "default_cache_dir",
+]
 
 ENGINES = ("auto", "eager", "inductor", "tensorrt")
 SPARSITY = ("auto", "on", "off")  # the sparsity modes (the 2:4 runtime checks against these too)
 MEMORY_FORMATS = ("auto", "preserve", "channels_last")  # activations' layout (see ``memory_format``)
 MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+RANK_SPLIT = ("auto", "off")  # the ``rank_split_builds`` modes
 
 
 _UNSET: Any = object()
@@ -63,8 +77,27 @@ class Options:
     build_workers: int | None = None
     # Glue between blocks (embeddings, stem, head) that misses the caches builds in a worker in
     # the background: the first call waits for the blocks only, PyTorch runs the glue until a
-    # later call swaps its engines in (CUDA graphs then record again). Needs build workers.
-    background_glue: bool = False
+    # later call swaps its engines in (CUDA graphs then record again). Needs build workers. On
+    # by default: the BERT-base-like encoder's cold first call on an H200 went from 8.3-9.1 s
+    # to 6.4-7.0 s (benchmarks/RESULTS.md, "Glue off the critical path").
+    background_glue: bool = True
+    # Keep what the backend makes of each Dynamo graph (its plan) in the disk cache, so that a
+    # new process compiling the same graph assembles it from there and the cached artifacts,
+    # without lowering it again. Off when the disk cache is. See `trt_subgraph.plan_cache`.
+    plan_cache: bool = True
+    # Where torch.distributed runs more than one rank: "auto" splits the unique subgraphs that
+    # miss the caches among the ranks, each rank building its share and the ranks exchanging the
+    # artifacts (engines that persist artifacts; every rank must compile the same graphs in the
+    # same order); "off": every rank builds alone. See `trt_subgraph.ranks`.
+    rank_split_builds: str = "auto"
+    # A cache level shared by a fleet of processes on many machines, under memory and the disk
+    # cache: a Redis URL (``redis://host:6379/0``; default ``$TRT_SUBGRAPH_REMOTE_CACHE``, else
+    # None: off). See `trt_subgraph.cache.remote`. Off when `cache` is False.
+    remote_cache: str | None = None
+    # Seconds a remote entry lives after it was last stored or read (None: until removed).
+    remote_cache_ttl: int | None = DEFAULT_REMOTE_TTL
+    # The largest remote entry in bytes (header included); larger ones are not stored or read.
+    remote_cache_entry_limit: int = DEFAULT_REMOTE_ENTRY_LIMIT
 
     @property
     def disk_cache_dir(self) -> Path | None:
@@ -149,8 +182,23 @@ class Options:
                 "trt_subgraph: option 'build_workers' must be an int >= 0 (worker processes; 0 builds in this "
                 f"process) or None (chosen from the CPU cores), got {build_workers!r}"
             )
-        background_glue = options.get("background_glue", False)
+        background_glue = options.get("background_glue", True)
         _check_type("background_glue", background_glue, bool)
+        plan_cache = options.get("plan_cache", True)
+        _check_type("plan_cache", plan_cache, bool)
+        rank_split_builds = options.get("rank_split_builds", "auto")
+        _check_choice("rank_split_builds", rank_split_builds, RANK_SPLIT)
+        remote = _remote_cache(options.get("remote_cache", _UNSET))
+        ttl = options.get("remote_cache_ttl", DEFAULT_REMOTE_TTL)
+        if ttl is not None and not _is_count(ttl):
+            raise ValueError(
+                f"trt_subgraph: option 'remote_cache_ttl' must be an int >= 1 (seconds) or None (no expiry), got {ttl!r}"
+            )
+        entry_limit = options.get("remote_cache_entry_limit", DEFAULT_REMOTE_ENTRY_LIMIT)
+        if not _is_count(entry_limit):
+            raise ValueError(
+                f"trt_subgraph: option 'remote_cache_entry_limit' must be a positive int (bytes), got {entry_limit!r}"
+            )
         return cls(
             engine=engine,
             cache=cache,
@@ -165,7 +213,31 @@ class Options:
             memory_format=memory_format,
             build_workers=build_workers,
             background_glue=background_glue,
+            plan_cache=plan_cache,
+            rank_split_builds=rank_split_builds,
+            remote_cache=remote,
+            remote_cache_ttl=ttl,
+            remote_cache_entry_limit=entry_limit,
         )
+
+
+def _remote_cache(url: Any) -> str | None:
+    """The ``remote_cache`` option checked (unset: ``$TRT_SUBGRAPH_REMOTE_CACHE``, empty: off)."""
+    where = "option 'remote_cache'"
+    if url is _UNSET:
+        url, where = os.environ.get("TRT_SUBGRAPH_REMOTE_CACHE") or None, "TRT_SUBGRAPH_REMOTE_CACHE"
+    if url is None:
+        return None
+    try:
+        check_url(url)
+    except ValueError as e:
+        raise ValueError(f"trt_subgraph: {where}: {e}") from None
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError(
+            f"trt_subgraph: {where} is {url!r}, but redis-py is not installed; "
+            "pip install 'trt_subgraph[remote]' (or pip install redis)"
+        )
+    return url
 
 
 def resolve_op(op: Any) -> str:

@@ -26,7 +26,7 @@ from .build import Builds, Pending
 from .canonicalize import canonicalize
 from .engines.base import ACTIVATION, SYMINT, WEIGHT, CanonicalSubgraph, Engine, op_name
 from .fingerprint import UnhashableArgument
-from .fx_utils import output_node, placeholders
+from .fx_utils import is_size_arithmetic, output_node, placeholders
 from .inputs import InputSource, input_sources
 from .options import Options
 from .partition import find_pieces
@@ -186,7 +186,7 @@ class Compilation:
             collections.Counter(
                 op_name(n.target)
                 for n in gm.graph.nodes
-                if n.op == "call_function" and op_name(n.target) != "_operator.getitem"
+                if n.op == "call_function" and op_name(n.target) != "_operator.getitem" and not is_size_arithmetic(n)
             )
         )
         self.lowered = lowered

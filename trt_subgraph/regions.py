@@ -456,7 +456,11 @@ def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[b
     `Engine.weight_variant` (whether it is 2:4 where the engine may use sparse kernels).
     Symbolic sizes are named as Dynamo's ShapeEnv names them: regions share code only where
     their sizes are the same symbols, so a guard that lowering one of them adds to Dynamo's
-    ShapeEnv holds for all of them (keys are compared within one graph only).
+    ShapeEnv holds for all of them (keys are compared within one graph only). Sizes and plain
+    values are read from the region's traced values (its placeholders' ``example_value``), which
+    its code is lowered for: a region fed by the graph's own inputs gets their real tensors and
+    sizes in `inputs` (``7`` where the traced value is ``s33``), and keys the same as the next
+    region fed by the same symbols.
     """
     kinds = [
         SYMINT if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool) else WEIGHT if flag else ACTIVATION
@@ -467,18 +471,20 @@ def region_key(gm: torch.fx.GraphModule, inputs: list[Any], weight_flags: list[b
     except UnhashableArgument:
         return None
     storages: dict[StorageWeakRef, int] = {}
+    traced = [p.meta.get("example_value") for p in placeholders(gm)]
     for position, x in enumerate(inputs):
+        fake = traced[position] if position < len(traced) and traced[position] is not None else x
         if is_traceable_wrapper_subclass(x):
             line = f"in {position} {_subclass(x, position, storages)}"
         elif isinstance(x, torch.Tensor):
             storage = storages.setdefault(StorageWeakRef(x.untyped_storage()), position)
             line = f"in {position} offset {x.storage_offset()} storage-of {storage}"
-            if symbolic.is_symbolic([x]):
-                line += f" size {tuple(x.shape)} stride {x.stride()}"
+            if symbolic.is_symbolic([fake]):
+                line += f" size {tuple(fake.shape)} stride {fake.stride()}"
             if weight_flags[position] and (variant := engine.weight_variant(x)) is not None:
                 line += f" variant {variant}"
         else:
-            line = f"in {position} value {x!r}"
+            line = f"in {position} value {fake!r}"
         text.append(line)
     return xxhash.xxh3_128_hexdigest("\n".join(text).encode())
 

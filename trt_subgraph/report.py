@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from ._state import on_reset
@@ -16,11 +18,12 @@ class SubgraphRecord:
     fingerprint: str
     nodes: int
     instances: int = 0
-    # built, memory_hit, disk_hit, fallback (the engine failed; PyTorch runs it), building (glue
+    # built, memory_hit, disk_hit, remote_hit (from the fleet's remote cache), fallback (the engine failed; PyTorch runs it), building (glue
     # that a worker builds in the background; PyTorch runs it until a later call swaps the
     # artifact in, and the status changes), or for a saved
     # plan: loaded (from the saved file) or pending (built at the first call: the saved artifact
-    # does not fit this machine, or the engine cannot persist artifacts)
+    # does not fit this machine, or the engine cannot persist artifacts), or received (built by
+    # another rank of torch.distributed, see `rank`)
     status: str = "built"
     # Seconds from asking for the artifact to holding it. Builds of one graph run concurrently
     # (in worker processes, see `trt_subgraph.workers`), so these overlap: the graph's wall time
@@ -29,6 +32,10 @@ class SubgraphRecord:
     error: str | None = None
     # Built in a worker process rather than in this one.
     worker: bool = False
+    # Where the ranks of torch.distributed split the builds (`trt_subgraph.ranks`): the rank that
+    # got the artifact (built it or found it in its caches); status ``received`` on the others.
+    # None where this process got every artifact itself.
+    rank: int | None = None
     # Set where the engine's code depends on weight values (2:4 kernels): xxh3-64 of the
     # instances' `Engine.weight_variant`s. Same fingerprint, other variant: another artifact.
     variant: str | None = None
@@ -74,9 +81,11 @@ class Report:
             "builds": builds,
             "memory_hits": count("memory_hit"),
             "disk_hits": count("disk_hit"),
+            "remote_hits": count("remote_hit"),
             "loads": count("loaded"),
             "fallbacks": count("fallback"),
             "building": count("building"),
+            "received": count("received"),
             "worker_builds": sum(1 for s in self.subgraphs if s.status == "built" and s.worker),
             "demotions": sum(len(s.demotions) for s in self.subgraphs),
             "reuses": instances - builds - unbuilt,
@@ -121,13 +130,15 @@ class Report:
             if s.demotions:
                 note += f"  demoted at run time: {len(s.demotions)} ({s.demotions[-1]})"
             variant = f"  variant {s.variant}" if s.variant else ""
+            variant += f"  rank {s.rank}" if s.rank is not None else ""
             lines.append(
                 f"{s.fingerprint:<34} {s.instances:>9} {s.nodes:>6} {s.status:<10} {s.build_s:>8.3f}{variant}{note}"
             )
         lines.append(
             f"unique subgraphs {t['unique_subgraphs']}, builds {t['builds']}, reuses {t['reuses']}, "
-            f"memory hits {t['memory_hits']}, disk hits {t['disk_hits']}, loaded {t['loads']}, fallback nodes "
+            f"memory hits {t['memory_hits']}, disk hits {t['disk_hits']}, remote hits {t['remote_hits']}, loaded {t['loads']}, fallback nodes "
             f"{t['fallback_nodes']}, compile {t['compile_s']:.3f} s"
+            + (f", received from other ranks {t['received']}" if t["received"] else "")
         )
         if self.fallback_ops:
             ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.fallback_ops.items()))
@@ -138,14 +149,31 @@ class Report:
         return "\n".join(lines)
 
 
+_KEPT = 64  # reports that `reports()` keeps
 _REPORTS: list[Report] = []
 on_reset(_REPORTS.clear)
+_COLLECTORS: list[list[Report]] = []
 
 
 def record(report: Report) -> None:
     _REPORTS.append(report)
-    del _REPORTS[:-64]
+    del _REPORTS[:-_KEPT]
+    for collected in _COLLECTORS:
+        collected.append(report)
     log.info("%s", report)
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list[Report]]:
+    """A list that receives every report recorded while the block runs, oldest first. Unlike
+    :func:`reports` (the last 64), it keeps them all: for counting the compilations of a long
+    run, such as a benchmark's sweep over many sizes."""
+    collected: list[Report] = []
+    _COLLECTORS.append(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTORS[:] = [c for c in _COLLECTORS if c is not collected]  # by identity: lists compare equal
 
 
 def last_report() -> Report | None:

@@ -25,6 +25,7 @@ you made, or use :func:`save` and :func:`load`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import io
@@ -183,7 +184,7 @@ class CompiledForward(_SerializableCallable):
         device_types: list[str],
         *,
         plan: Plan | None = None,
-        saved: bytes | None = None,
+        saved: bytes | Callable[[], bytes] | None = None,
         unsaved: str | None = None,
     ) -> None:
         self._forward = forward
@@ -200,6 +201,8 @@ class CompiledForward(_SerializableCallable):
     @classmethod
     def serialize_compile_artifacts(cls, fn: CompiledForward) -> bytes:
         """The plan and its artifacts as bytes; RuntimeError when this forward cannot be saved."""
+        if callable(fn._saved):  # a plan from the plan cache: its artifacts are put in now
+            fn._saved = fn._saved()
         if fn._saved is not None:
             return fn._saved
         if fn._plan is None:
@@ -249,7 +252,10 @@ def group_of(record: SubgraphRecord) -> str:
     return record.fingerprint if record.variant is None else f"{record.fingerprint}/{record.variant}"
 
 
-def _plan_state(plan: Plan) -> dict[str, Any]:
+def _plan_state(plan: Plan, *, artifacts: bool = True) -> dict[str, Any]:
+    """The plan as plain data (graphs pickled); RuntimeError naming what cannot be saved.
+    `artifacts`: hold each artifact's bytes; without, groups name their artifacts by cache key
+    only (a load then finds them in this process's memory or the disk cache)."""
     problems = [graph.recorder.unsupported for graph in plan.graphs if graph.recorder.unsupported]
     problems += _user_aliases(plan)
     problems += [
@@ -287,7 +293,7 @@ def _plan_state(plan: Plan) -> dict[str, Any]:
             "kinds": list(sub.input_kinds),
             "record": rec.to_dict(),
             "key": key,
-            "artifact": _artifact_bytes(store, key, rec) if rec.status != "fallback" else None,
+            "artifact": _artifact_bytes(store, key, rec) if artifacts and rec.status != "fallback" else None,
         }
     report = plan.report
     return {
@@ -368,31 +374,37 @@ class _Group:
     record: SubgraphRecord
     store: ArtifactStore
     bound: Callable[..., Any] | None = None
+    key: str = ""  # its artifact's cache key on this machine, with these settings
 
     @property
     def extra(self) -> dict[str, Any] | None:
         return {"variant": self.record.variant} if self.record.variant is not None else None
 
     def restore(self, saved_key: str, artifact: bytes | None) -> None:
-        """Bind the artifact from this process's memory or from the saved bytes; else leave it
-        to the first call, which builds it with real weights (memory, disk cache, engine)."""
+        """Bind the artifact from this process's memory, from the saved bytes, else from the
+        caches (disk, remote); else leave it to the first call, which builds it with real
+        weights. Several groups may restore at once, from threads inside the engine's
+        ``loading()``."""
         if self.record.status == "fallback":
             self.bound = self.sub.gm
             return
-        key = make_key(self.store.key_parts(self.sub, self.extra))
-        found, status = remembered(key), "memory_hit"
-        if found is None and artifact is not None and key == saved_key:
-            try:
-                found, status = self.store.engine.deserialize(artifact, self.sub), "loaded"
-                remember(key, found)
-            except Exception as exc:
-                log.warning("trt_subgraph: saved artifact of %s failed to load (%s)", self.sub.fingerprint, exc)
-        elif found is None and artifact is not None:
+        found, status = remembered(self.key), "memory_hit"
+        if found is None and artifact is not None and self.key != saved_key:
             log.warning(
                 "trt_subgraph: saved artifact of subgraph %s was built for another machine or other "
-                "settings (instruction set, compiler, engine settings); building it at the first call",
+                "settings (instruction set, compiler, engine settings); looking for it in the caches, "
+                "else building it at the first call",
                 self.sub.fingerprint,
             )
+            artifact = None
+        if found is None:
+            cached = (artifact, "loaded") if artifact is not None else self.store.lookup(self.key)
+            if cached is not None:
+                try:
+                    found, status = self.store.engine.deserialize(cached[0], self.sub), cached[1]
+                    remember(self.key, found)
+                except Exception as exc:
+                    log.warning("trt_subgraph: saved artifact of %s failed to load (%s)", self.sub.fingerprint, exc)
         self.record.build_s = 0.0
         if found is None:
             self.record.status = "pending"
@@ -498,14 +510,28 @@ def _options(saved: dict[str, Any]) -> Options:
     return dataclasses.replace(options, cache_dir=default_cache_dir() if options.cache else None)
 
 
-def _rebuild(state: dict[str, Any], data: bytes) -> CompiledForward:
+class StalePlan(RuntimeError):
+    """A cached plan whose artifacts are not all in this process's memory or the caches."""
+
+
+def _rebuild(
+    state: dict[str, Any],
+    data: bytes | None,
+    *,
+    options: Options | None = None,
+    cached: bool = False,
+) -> CompiledForward:
+    """The forward of a plan's `state`; `data`: its serialized bytes (None when `cached`).
+    `options`: this process's (default: the saved ones, with this process's cache directory).
+    `cached`: the plan comes from the plan cache (`trt_subgraph.plan_cache`), its artifacts named
+    by key: raise :class:`StalePlan`, before anything runs, when one is in no cache."""
     from .regions import RegionRunner  # regions builds on this module
 
     start = time.perf_counter()
     if not isinstance(state, dict) or state.get("format") != PLAN_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise RuntimeError(f"trt_subgraph: saved plan format {found!r}; this release reads format {PLAN_FORMAT}")
-    options = _options(state["options"])
+    options = options if options is not None else _options(state["options"])
     engine, engine_reason = engines.select(
         state["engine"], torch_executed_ops=options.torch_executed_ops, sparsity=options.sparsity
     )
@@ -519,7 +545,21 @@ def _rebuild(state: dict[str, Any], data: bytes) -> CompiledForward:
         rec = saved["record"]
         fields = ("fingerprint", "nodes", "instances", "status", "error", "variant")
         group = groups[name] = _Group(sub, SubgraphRecord(**{k: rec[k] for k in fields}), store)
-        group.restore(saved["key"], saved["artifact"])
+        if group.record.status != "fallback":
+            group.key = make_key(store.key_parts(sub, group.extra))
+    restores = [(group, state["groups"][name]) for name, group in groups.items()]
+    with engine.loading():  # artifacts load at once where the engine allows it
+        if engine.loads_concurrently() and len(restores) > 1:
+            with concurrent.futures.ThreadPoolExecutor(
+                min(len(restores), 8), thread_name_prefix="trt_subgraph-load"
+            ) as threads:
+                list(threads.map(lambda job: job[0].restore(job[1]["key"], job[1]["artifact"]), restores))
+        else:
+            for group, saved in restores:
+                group.restore(saved["key"], saved["artifact"])
+    missing = [group.sub.fingerprint for group in groups.values() if group.bound is None]
+    if cached and missing and engine.persistable:
+        raise StalePlan(f"the artifacts of subgraphs {missing} are in no cache")
 
     graphs = []
     for saved in state["graphs"]:
@@ -547,7 +587,7 @@ def _rebuild(state: dict[str, Any], data: bytes) -> CompiledForward:
     saved_report = state["report"]
     report = Report(
         engine=engine.name,
-        engine_reason=f"{engine_reason}; loaded from a saved plan",
+        engine_reason=f"{engine_reason}; {'plan from the plan cache' if cached else 'loaded from a saved plan'}",
         block_method=saved_report["block_method"],
         blocks=saved_report["blocks"],
         subgraphs=[group.record for group in groups.values()],
@@ -555,7 +595,7 @@ def _rebuild(state: dict[str, Any], data: bytes) -> CompiledForward:
         torch_executed=saved_report["torch_executed"],
         memory_format=saved_report["memory_format"],
         sparsity=saved_report["sparsity"],
-        regions={**saved_report["regions"], "loaded": True},
+        regions={**saved_report["regions"], **({"plan": "cache hit"} if cached else {"loaded": True})},
     )
     boxed = pipeline.assemble(run, report=report, options=options, **state["assembly"])
     report.compile_s = time.perf_counter() - start
@@ -565,7 +605,20 @@ def _rebuild(state: dict[str, Any], data: bytes) -> CompiledForward:
         return boxed(list(args))
 
     forward.cudagraph = getattr(boxed, "cudagraph", None)  # type: ignore[attr-defined]
-    return CompiledForward(forward, engine.name, state["device_types"], saved=data)
+    payload = functools.partial(_with_artifacts, state, store) if cached else data
+    return CompiledForward(forward, engine.name, state["device_types"], saved=payload)
+
+
+def _with_artifacts(state: dict[str, Any], store: ArtifactStore) -> bytes:
+    """The payload of a plan `state` whose groups name their artifacts by key only, with the
+    artifacts' bytes (this process's, else the disk cache's) put in."""
+    groups = {}
+    for name, group in state["groups"].items():
+        if group["artifact"] is None and group["record"]["status"] != "fallback":
+            rec = SubgraphRecord(fingerprint=group["record"]["fingerprint"], nodes=group["record"]["nodes"])
+            group = {**group, "artifact": _artifact_bytes(store, group["key"], rec)}
+        groups[name] = group
+    return pickle.dumps({**state, "groups": groups}, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class _Whole:

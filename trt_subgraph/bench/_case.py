@@ -150,6 +150,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 
         from trt_subgraph.bench.backends import find_blocks, prepare
         from trt_subgraph.bench.models import DTYPES
+        from trt_subgraph.report import collect
 
         device = spec["device"]
         cuda = device.startswith("cuda")
@@ -164,7 +165,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize()
 
-        with torch.no_grad():
+        with torch.no_grad(), collect() as recorded:  # every trt_subgraph report, however many
             phase = "build"
             model, inputs = _build(spec)
             res["blocks"] = len(find_blocks(model))
@@ -197,7 +198,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                 dynamic=bool(spec.get("dynamic")),
             )
             res.update(info)
-            known = _report_ids() if trt and sweep else set()
+            counted = 0  # reports of `recorded` that an earlier size compiled
 
             def timed_call(x: tuple) -> tuple[Any, float]:
                 """One synchronized call of the compiled model: its output and its seconds."""
@@ -222,9 +223,12 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                 phase = "second call" + at  # where CUDA graphs get recorded (trt_subgraph, reduce-overhead)
                 _, entry["second_call_s"] = timed_call(x)
                 if trt and sweep:
-                    entry.update(_trt_new(known))  # what this size compiled
-                    known = _report_ids()
+                    entry.update(_trt_new(recorded[counted:]))  # what this size compiled
+                    counted = len(recorded)
                 entries.append(entry)
+            if trt:
+                phase = "background builds"
+                res["background_wait_s"] = _wait_for_background_builds(fn, sized[0][1], sync)
             for (size, x), ref, entry in zip(sized, refs, entries):
                 at = "" if size is None else f" ({sweep['dim']} {size})"
                 phase = "warmup" + at
@@ -254,7 +258,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         if sweep:
             res["first_call_s"] = sum(e["first_call_s"] for e in entries)
             if trt:
-                res.update(_trt_sweep_report())
+                res.update(_trt_sweep_report(recorded))
         else:
             res.update(entries[0])
         res["timer"] = "cuda_events" if cuda else "perf_counter"
@@ -272,11 +276,22 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _report_ids() -> set[int]:
-    """Identities of the trt_subgraph reports recorded so far in this process."""
+def _wait_for_background_builds(fn: Any, x: tuple, sync: Any, limit_s: float = 300.0) -> float:
+    """Call `fn` until no glue builds in the background any more (``background_glue``: the
+    engines are swapped in at a call), so that latency is timed on the final engines; the
+    seconds waited. `limit_s`: the most to wait (a worker's build time-out is longer; a glue
+    build that never ends is timed as PyTorch runs it)."""
     import trt_subgraph
 
-    return {id(r) for r in trt_subgraph.reports()}
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        report = trt_subgraph.last_report()
+        if report is None or not report.totals.get("building"):
+            break
+        fn(*x)
+        sync()
+        time.sleep(0.05)
+    return time.perf_counter() - start
 
 
 def _summed_totals(reports: list) -> dict[str, Any]:
@@ -288,21 +303,15 @@ def _summed_totals(reports: list) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in totals.items()}
 
 
-def _trt_new(known: set[int]) -> dict[str, Any]:
-    """The trt_subgraph compilations recorded since `known`: their count and summed totals."""
-    import trt_subgraph
-
-    new = [r for r in trt_subgraph.reports() if id(r) not in known]
+def _trt_new(new: list) -> dict[str, Any]:
+    """The trt_subgraph compilations of one size, from their reports: count and summed totals."""
     return {"trt_compiles": len(new), "trt_totals": _summed_totals(new)}
 
 
-def _trt_sweep_report() -> dict[str, Any]:
-    """After a sweep: every trt_subgraph compilation of the process (count, summed totals), the
-    engine and CUDA-graph mode of the last; or why not."""
+def _trt_sweep_report(reports: list) -> dict[str, Any]:
+    """After a sweep: every trt_subgraph compilation of the case, from their `reports` (count,
+    summed totals), the engine and CUDA-graph mode of the last; or why not."""
     try:
-        import trt_subgraph
-
-        reports = trt_subgraph.reports()
         last = reports[-1].to_dict() if reports else {}
         return {
             "trt_engine": last.get("engine"),

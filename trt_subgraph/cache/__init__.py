@@ -13,7 +13,8 @@ damaged and removed.
 
 Modules: ``paths`` (where the cache and the key file live, and the key file's checks),
 ``entry`` (keys and the entry format), ``locks`` (per-key build locks with a heartbeat),
-``disk`` (the directory: entries, locks, eviction). None of them imports torch.
+``disk`` (the directory: entries, locks, eviction), ``remote`` (the level a fleet of machines
+shares: a Redis server; imported only where used). None of them imports torch.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import math
 import os
@@ -40,8 +41,11 @@ __all__ = [
     "OtherFormat",
     "check_key",
     "check_meta",
+    "decode_entry",
+    "encode_entry",
     "encode_head",
     "make_key",
+    "parse_header",
     "read_entry",
     "read_header",
 ]
@@ -195,6 +199,17 @@ def read_header(f) -> dict:
     """
     if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
         raise Foreign("not a regular file")
+    return _parse_header(f)
+
+
+def parse_header(data: bytes) -> dict:
+    """The header of an entry from its first bytes (at least the prefix and the header); raises as
+    :func:`read_header` does (:class:`Damaged` when ``data`` ends inside the header)."""
+    return _parse_header(io.BytesIO(data))
+
+
+def _parse_header(f) -> dict:
+    """:func:`read_header` after the file check: ``f`` is any binary stream at the entry's start."""
     prefix = f.read(_PREFIX_LEN)
     if prefix[: len(MAGIC)] != MAGIC:
         raise Foreign("not a trt_subgraph cache entry (bad magic)")
@@ -238,10 +253,38 @@ def read_entry(f, key: str, secret: bytes, *, payload: bool = True) -> tuple[dic
     returned) and its checksum compared once more, in case the file changed meanwhile.
     """
     header = read_header(f)
+    start = f.tell()
+    _check_payload(f, header, key, secret, os.fstat(f.fileno()).st_size - start)
+    if not payload:
+        return header, None
+    f.seek(start)
+    data = f.read(header["payload_size"])
+    if len(data) != header["payload_size"] or xxhash.xxh3_128_hexdigest(data) != header["payload_xxh3_128"]:
+        raise Damaged("changed while being read")
+    return header, data
+
+
+def decode_entry(data: bytes, key: str, secret: bytes) -> tuple[dict, bytes]:
+    """Fully verify an entry held in memory (as a remote cache returns it) and return (header,
+    payload); raise :class:`Foreign`, :class:`OtherFormat` or :class:`Damaged` as :func:`read_entry`
+    does. The header's ``tag`` is removed."""
+    f = io.BytesIO(data)
+    header = _parse_header(f)
+    start = f.tell()
+    _check_payload(f, header, key, secret, len(data) - start)
+    return header, data[start:]
+
+
+def encode_entry(key: str, payload: bytes | memoryview, meta: dict, secret: bytes) -> bytes:
+    """The whole entry (header and payload) as one bytes object, as a remote cache stores it."""
+    return encode_head(key, payload, meta, secret) + bytes(payload)
+
+
+def _check_payload(f, header: dict, key: str, secret: bytes, size: int) -> None:
+    """Check the key, size, checksum and tag of the ``size`` payload bytes ``f`` holds from its
+    position on, in 1 MiB chunks; removes the header's ``tag``. Raises :class:`Damaged`."""
     if header["key"] != key:
         raise Damaged(f"header belongs to key {header['key']!r}")
-    start = f.tell()
-    size = os.fstat(f.fileno()).st_size - start
     if size != header["payload_size"]:
         raise Damaged(f"payload is {size} bytes, header says {header['payload_size']} (truncated?)")
     tag = header.pop("tag")
@@ -259,10 +302,3 @@ def read_entry(f, key: str, secret: bytes, *, payload: bool = True) -> tuple[dic
         raise Damaged("payload checksum mismatch")
     if not hmac.compare_digest(tag, mac.hexdigest()):
         raise Damaged("authentication tag mismatch (tampered, or written with another key file)")
-    if not payload:
-        return header, None
-    f.seek(start)
-    data = f.read(size)
-    if len(data) != size or xxhash.xxh3_128_hexdigest(data) != header["payload_xxh3_128"]:
-        raise Damaged("changed while being read")
-    return header, data

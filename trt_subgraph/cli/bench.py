@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models",
         help="built-in models, comma-separated: encoder, vit, resnet, decoder, "
-        "mlp, efficientnet, mobilenetv3 (default: encoder, unless --model is given)",
+        "mlp, efficientnet, mobilenetv3, convnext (default: encoder, unless --model is given)",
     )
     p.add_argument(
         "--model",

@@ -1,4 +1,5 @@
-"""``trt-subgraph cache ls|stats|verify|clear``: inspect or clean the persistent engine cache."""
+"""``trt-subgraph cache ls|stats|verify|clear [--remote URL]``: inspect or clean the persistent engine
+cache (the local directory, or the fleet's remote cache)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def _when(t: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.remote is not None:
+        return _run_remote(args)
     if not args.dir:
         print("error: --dir is empty (an unset shell variable?); give the cache directory", file=sys.stderr)
         return 2
@@ -105,23 +108,88 @@ def _run(args: argparse.Namespace, directory: pathlib.Path) -> int:
             )
         return 0
     if args.cache_command == "verify":
-        try:
-            result = cache.verify()
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            for key, reason in result["removed"]:
-                print(f"removed  {key}  {reason}")
-            for key, reason in result["skipped"]:
-                print(f"skipped  {key}  {reason}")
-            print(f"{len(result['ok'])} ok, {len(result['removed'])} damaged, {len(result['skipped'])} skipped")
-        return 1 if result["removed"] else 0
+        return _verified(args, cache)
     n = cache.clear()
     print(f"removed {n} entries from {cache.directory}")
     return 0
+
+
+def _run_remote(args: argparse.Namespace) -> int:
+    """The cache commands on a remote cache (``--remote URL``); 2 when it cannot be used."""
+    from ..cache.remote import RedisCache
+
+    try:
+        cache = RedisCache(args.remote)
+    except (ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import redis
+
+    try:
+        return _remote_command(args, cache)
+    except (OSError, redis.RedisError) as e:
+        print(f"error: cannot use the remote cache {cache.shown_url}: {e}", file=sys.stderr)
+        return 2
+
+
+def _remote_command(args: argparse.Namespace, cache: Any) -> int:
+    if args.cache_command == "ls":
+        infos = sorted(cache.entries(), key=lambda e: e.created or 0.0, reverse=True)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(e) for e in infos], indent=2, allow_nan=False))
+            return 0
+        rows = [("KEY", "FINGERPRINT", "ENGINE", "SIZE", "CREATED")]
+        rows += [
+            (
+                e.key,
+                _shown(str(e.info.get("fingerprint", "-"))),
+                _shown(e.engine),
+                _human_size(e.size),
+                _when(e.created),
+            )
+            for e in infos
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
+        print(f"{len(infos)} entries, {_human_size(sum(e.size for e in infos))} in {cache.shown_url}")
+        return 0
+    if args.cache_command == "stats":
+        s = cache.stats()
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            ttl = "none (entries stay until removed)" if s["ttl"] is None else f"{s['ttl']} s (default)"
+            print(
+                f"remote       {s['url']}\nentries      {s['entries']}\n"
+                f"size         {_human_size(s['bytes'])} ({s['bytes']} bytes)\n"
+                f"entry limit  {_human_size(s['entry_limit'])} (default; each process applies its own)\n"
+                f"ttl          {ttl}\nkey file     {s['key_file']}"
+            )
+        return 0
+    if args.cache_command == "verify":
+        return _verified(args, cache)
+    n = cache.clear()
+    print(f"removed {n} entries from {cache.shown_url}")
+    return 0
+
+
+def _verified(args: argparse.Namespace, cache: Any) -> int:
+    """Run ``cache.verify()`` and print its result; exit status 1 if any entry was damaged."""
+    try:
+        result = cache.verify()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, reason in result["removed"]:
+            print(f"removed  {key}  {reason}")
+        for key, reason in result["skipped"]:
+            print(f"skipped  {key}  {reason}")
+        print(f"{len(result['ok'])} ok, {len(result['removed'])} damaged, {len(result['skipped'])} skipped")
+    return 1 if result["removed"] else 0
 
 
 def add_cli(subparsers: Any) -> None:
@@ -135,6 +203,12 @@ def add_cli(subparsers: Any) -> None:
         "--dir",
         default=str(default_cache_dir()),
         help="cache directory (default: %(default)s, from TRT_SUBGRAPH_CACHE_DIR, else XDG_CACHE_HOME, else ~/.cache)",
+    )
+    common.add_argument(
+        "--remote",
+        metavar="URL",
+        help="work on the fleet's remote cache at URL (redis://host:port/db) instead of the directory; "
+        "verify needs the key file that signed its entries (TRT_SUBGRAPH_KEY_FILE)",
     )
     with_json = argparse.ArgumentParser(add_help=False)
     with_json.add_argument("--json", action="store_true", help="machine-readable output")

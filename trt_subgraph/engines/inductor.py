@@ -58,7 +58,9 @@ class InductorEngine(Engine):
 
     def codegen_key(self, sub: CanonicalSubgraph) -> dict[str, Any]:
         """CPU kernels are generated for one vector ISA and compiled by the local C++ compiler;
-        GPU kernels by Triton (the GPU's compute capability is in the device key already)."""
+        GPU kernels by Triton (the GPU's compute capability is in the device key already). The
+        generated code sets the CUDA device by index (``torch.cuda.set_device(0)``), so an
+        artifact built on one GPU runs wrong on another: the indexes are part of the key."""
         devices = {v.device.type for v in sub.example_inputs if isinstance(v, torch.Tensor)}
         key: dict[str, Any] = {}
         if "cpu" in devices:
@@ -66,7 +68,12 @@ class InductorEngine(Engine):
                 _restore_vec_isa_checks(self._disk)
             key["cpu"] = _compat.cpu_codegen_key()
         if "cuda" in devices:
-            key["cuda"] = {"cuda": torch.version.cuda, "triton": _version_of("triton")}
+            indexes = {
+                v.device.index if v.device.index is not None else torch.cuda.current_device()
+                for v in sub.example_inputs
+                if isinstance(v, torch.Tensor) and v.device.type == "cuda"
+            }
+            key["cuda"] = {"cuda": torch.version.cuda, "triton": _version_of("triton"), "indexes": sorted(indexes)}
         return key
 
     def settings(self) -> dict[str, Any]:

@@ -322,7 +322,7 @@ def _analyze_module(name: str, mod: nn.Module, tensors: dict[str, torch.Tensor])
         row = analyze_weight(mod.weight, kind="conv", name=name, groups=mod.groups)
     else:
         row = analyze_weight(mod.weight, kind="linear", name=name)
-    return replace(row, shared_with=_shared_with(f"{name}.weight", mod.weight, tensors), computed=_computed(mod))
+    return replace(row, shared_with=_shared_with(_weight_name(name), mod.weight, tensors), computed=_computed(mod))
 
 
 def _notes(row: LayerSparsity) -> list[str]:
@@ -334,6 +334,12 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of `model` by name, a tied one under each of its names."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     return {name: t for name, t in named if t is not None}
+
+
+def _weight_name(layer: str) -> str:
+    """The parameter name of a layer's weight: ``layers.0.fc.weight``, and ``weight`` for the
+    model itself (a bare ``nn.Linear``, whose module path is empty)."""
+    return f"{layer}.weight" if layer else "weight"
 
 
 def _shared_with(name: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[str, ...]:
@@ -430,13 +436,13 @@ def prune_2_4(model: nn.Module, *, layers: Iterable[str] | None = None) -> Prune
     pruned: list[str] = []
     skipped: dict[str, str] = {}
     tensors = _tensors(model)
-    targets = {f"{name}.weight" for name, _ in available}
+    targets = {_weight_name(name) for name, _ in available}
     masked: set[int] = set()
     with torch.no_grad():
         for name, mod in available:
             w = mod.weight
             is_conv = isinstance(mod, _CONVS)
-            shared = _shared_with(f"{name}.weight", w, tensors)
+            shared = _shared_with(_weight_name(name), w, tensors)
             outside = [other for other in shared if other not in targets or tensors[other] is not w]
             if is_conv and mod.groups > 1:
                 skipped[name] = _grouped_reason(mod.groups, w.shape[1])

@@ -345,7 +345,11 @@ def _measure(
 
 
 _DECISIONS: dict[str, dict[str, Any]] = {}  # decision key -> timing, as in the decisions file
+# Decision keys whose run-time measurement (`_algorithm_for`) failed: cuSPARSELt's default runs
+# there. Kept apart from `_DECISIONS`, whose every entry holds measured times ("auto" compares them).
+_UNMEASURED: set[str] = set()
 on_reset(_DECISIONS.clear)
+on_reset(_UNMEASURED.clear)
 
 
 def _decision_key(
@@ -399,7 +403,7 @@ def _timing(key: str, run: Callable[[], tuple[float, float, int]], cache_dir: Pa
         return _DECISIONS[key]
     path = Path(cache_dir) / DECISIONS_FILE if cache_dir is not None else None
     timing = _load_decisions(path).get(key) if path is not None else None
-    if not (isinstance(timing, dict) and {"dense_ms", "sparse_ms", "algorithm"} <= timing.keys()):
+    if not _complete(timing):
         dense_ms, sparse_ms, algorithm = run()
         timing = {"dense_ms": dense_ms, "sparse_ms": sparse_ms, "algorithm": algorithm}
         if path is not None:
@@ -413,6 +417,20 @@ def _timing(key: str, run: Callable[[], tuple[float, float, int]], cache_dir: Pa
         )
     _DECISIONS[key] = timing
     return timing
+
+
+def _complete(timing: Any) -> bool:
+    """Whether a decisions-file entry holds measured times (positive, finite milliseconds) and an
+    algorithm id; anything else (a hand edit, another format) is measured again."""
+
+    def ms(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+    if not isinstance(timing, dict):
+        return False
+    algorithm = timing.get("algorithm")
+    valid_algorithm = isinstance(algorithm, int) and not isinstance(algorithm, bool) and algorithm >= 0
+    return ms(timing.get("dense_ms")) and ms(timing.get("sparse_ms")) and valid_algorithm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +697,8 @@ def _algorithm_for(m: int, k: int, n: int, dtype: torch.dtype, device: torch.dev
     key = _decision_key(m, k, n, dtype, device, bias, graphed)
     if key in _DECISIONS:
         return _DECISIONS[key]["algorithm"]
+    if key in _UNMEASURED:
+        return 0
     if torch.cuda.is_current_stream_capturing():
         warn_once(
             log,
@@ -694,7 +714,7 @@ def _algorithm_for(m: int, k: int, n: int, dtype: torch.dtype, device: torch.dev
         return _timing(key, lambda: measure(m, k, n, dtype, device, bias, graphed), None)["algorithm"]
     except RuntimeError as exc:
         warn_once(log, ("unmeasured", key), "trt_subgraph: 2:4 linear %s: measurement failed (%s)", key, exc)
-        _DECISIONS[key] = {"dense_ms": None, "sparse_ms": None, "algorithm": 0}
+        _UNMEASURED.add(key)
         return 0
 
 

@@ -1,0 +1,294 @@
+"""torch.distributed ranks split the builds of the graphs they all compile (`trt_subgraph.ranks`),
+and tensor-parallel graphs with functional collectives compile. Ranks are processes on CPU
+(gloo), started with torch.multiprocessing and rendezvousing through a file store."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.multiprocessing as mp
+
+from trt_subgraph import ranks
+from trt_subgraph.options import Options
+
+
+class ParallelMLP(torch.nn.Module):
+    """A tensor-parallel MLP: column-parallel up, row-parallel down, then a functional all_reduce."""
+
+    def __init__(self, width: int, hidden: int, world: int, group=None) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(width, hidden // world)
+        self.down = torch.nn.Linear(hidden // world, width, bias=False)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return funcol.all_reduce(self.down(torch.relu(self.up(x))), "sum", self.group or dist.group.WORLD)
+
+
+class Model(torch.nn.Module):
+    def __init__(self, world: int, layers: int = 3, width: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(ParallelMLP(width, hidden, world) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+class GatheredMLP(torch.nn.Module):
+    """Column-parallel up whose shards a functional all_gather joins, then a replicated down."""
+
+    def __init__(self, width: int, hidden: int, world: int) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(width, hidden // world)
+        self.down = torch.nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(funcol.all_gather_tensor(torch.relu(self.up(x)), -1, dist.group.WORLD))
+
+
+def _rank(rank: int, world: int, store: str, out: str, case: str, options: dict) -> None:
+    import trt_subgraph
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if options.get("cache_dir") == "per rank":
+        options = {**options, "cache_dir": os.path.join(out, f"cache{rank}")}
+    try:
+        torch.manual_seed(rank)  # every rank holds other weights (its shards)
+        width = 8
+        model = Model(world, hidden=16 * (rank + 1) if case == "differ" else 16).eval()
+        if case == "gather":
+            model.layers = torch.nn.ModuleList(GatheredMLP(width, 16, world) for _ in range(3)).eval()
+        if case == "groups":  # the same block on another group (same ranks): never shares its region
+            model.layers[1].group = dist.new_group(list(range(world)))
+        if case == "fail" and rank == 0:
+            from trt_subgraph.engines.inductor import InductorEngine
+
+            def fail(self, sub, weights):
+                raise RuntimeError("no build on rank 0")
+
+            InductorEngine.build = fail
+        x = torch.randn(4, width, generator=torch.Generator().manual_seed(7))  # the same on every rank
+        if case == "alone":  # only rank 0 compiles: it waits for the others a while, then builds alone
+            ranks.AGREE_TIMEOUT = datetime.timedelta(seconds=5)
+            if rank > 0:
+                with torch.no_grad():
+                    for _ in range(4):  # rank 0's collectives: eager twice, compiled twice
+                        model(x)
+                dist.barrier()
+                return
+        with torch.no_grad():
+            expected = model(x)
+            compiled = torch.compile(model, backend="trt_subgraph", options=options)
+            got = compiled(x)
+            fresh = torch.randn(4, width)
+            again = compiled(fresh)
+            expected_again = model(fresh)
+        report = trt_subgraph.last_report()
+        result = {
+            "error": (got - expected).abs().max().item(),
+            "error_again": (again - expected_again).abs().max().item(),
+            "close": torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+            and torch.allclose(again, expected_again, rtol=1e-5, atol=1e-5),
+            "report": report.to_dict(),
+        }
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        if case == "alone":
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, world: int, case: str = "same", ranks_done: int | None = None, **options) -> list[dict]:
+    options = {"engine": "inductor", "cache_dir": None, "build_workers": 0, **options}
+    mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path), case, options), nprocs=world)
+    results = []
+    for rank in range(world if ranks_done is None else ranks_done):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            results.append(json.load(f))
+    for rank, result in enumerate(results):
+        assert result["close"], f"rank {rank} differs from eager by {result['error']}, {result['error_again']}"
+    return results
+
+
+def _statuses(results: list[dict]) -> dict[str, list[tuple[str, int | None]]]:
+    """{fingerprint: [(status, rank) on each rank]}"""
+    found: dict[str, list[tuple[str, int | None]]] = {}
+    for result in results:
+        for rec in result["report"]["subgraphs"]:
+            found.setdefault(rec["fingerprint"], []).append((rec["status"], rec["rank"]))
+    return found
+
+
+def _assert_built_once(results: list[dict]) -> None:
+    world = len(results)
+    found = _statuses(results)
+    assert len(found) >= 2, found
+    for fingerprint, statuses in found.items():
+        assert len(statuses) == world, (fingerprint, statuses)
+        builders = [rank for rank, (status, _) in enumerate(statuses) if status == "built"]
+        assert len(builders) == 1, (fingerprint, statuses)
+        assert all(owner == builders[0] for _, owner in statuses), (fingerprint, statuses)
+        assert sorted(status for status, _ in statuses) == ["built"] + ["received"] * (world - 1)
+    for result in results:
+        totals = result["report"]["totals"]
+        assert totals["builds"] + totals["received"] == totals["unique_subgraphs"]
+    assert "_c10d_functional.all_reduce.default" in results[0]["report"]["fallback_ops"]
+
+
+def test_two_ranks_build_each_unique_subgraph_once_and_match_eager(tmp_path):
+    results = _run(tmp_path, 2)
+    _assert_built_once(results)
+    owners = {owner for statuses in _statuses(results).values() for _, owner in statuses}
+    assert owners == {0, 1}  # both ranks built a share
+
+
+@pytest.mark.slow
+def test_four_ranks_build_each_unique_subgraph_once_and_match_eager(tmp_path):
+    _assert_built_once(_run(tmp_path, 4))
+
+
+def test_received_artifacts_are_cached_so_every_rank_starts_warm(tmp_path):
+    _assert_built_once(_run(tmp_path, 2, cache_dir="per rank"))
+    for result in _run(tmp_path, 2, cache_dir="per rank"):  # new processes, the same caches
+        totals = result["report"]["totals"]
+        assert totals["builds"] == totals["received"] == 0, totals
+
+
+def test_a_rank_whose_builds_fail_leaves_them_to_the_others(tmp_path):
+    results = _run(tmp_path, 2, case="fail")
+    for statuses in _statuses(results).values():
+        if statuses[0][1] == 0:  # rank 0's share: it failed, rank 1 built it itself
+            assert statuses == [("fallback", 0), ("built", 1)], statuses
+        else:  # rank 1's share reached rank 0 (only building fails there)
+            assert statuses == [("received", 1), ("built", 1)], statuses
+
+
+def test_ranks_compiling_different_graphs_build_alone(tmp_path):
+    results = _run(tmp_path, 2, case="differ")
+    found = _statuses(results)
+    assert len(found) >= 3, found  # the blocks' pieces differ, the residual adds are alike
+    for statuses in found.values():
+        assert all(status == ("built", None) for status in statuses), statuses
+
+
+def test_a_graph_that_one_rank_compiles_alone_is_built_there_after_a_wait(tmp_path):
+    (result,) = _run(tmp_path, 2, case="alone", ranks_done=1)
+    for statuses in _statuses([result]).values():
+        assert statuses == [("built", None)], statuses
+
+
+def test_rank_split_off_builds_every_subgraph_on_every_rank(tmp_path):
+    results = _run(tmp_path, 2, rank_split_builds="off")
+    for statuses in _statuses(results).values():
+        assert statuses == [("built", None), ("built", None)], statuses
+
+
+def test_a_block_on_another_process_group_gets_its_own_region(tmp_path):
+    same = _run(tmp_path, 2, engine="eager")
+    groups = _run(tmp_path, 2, case="groups", engine="eager")
+    assert same[0]["report"]["regions"]["lowered"] == 2  # the blocks and the residual adds
+    assert groups[0]["report"]["regions"]["lowered"] == 3  # the block on the other group alone
+
+
+def test_a_functional_all_gather_compiles_and_matches_eager(tmp_path):
+    results = _run(tmp_path, 2, case="gather", engine="eager")
+    ran = results[0]["report"]["fallback_ops"]
+    assert any(op.startswith("_c10d_functional.all_gather_into_tensor") for op in ran), ran
+
+
+def test_balance_gives_largest_first_to_the_least_loaded_rank():
+    sizes = {"a": 10, "b": 7, "c": 5, "d": 4, "e": 1}
+    assert ranks.balance(sizes, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
+    assert ranks.balance(sizes, 1) == dict.fromkeys(sizes, 0)
+    assert ranks.balance({}, 3) == {}
+
+
+def test_agreement_splits_among_the_ranks_that_need_the_same_keys(monkeypatch):
+    """Ranks 0 and 2 need {a, b}, rank 1 {c}: 0 and 2 split theirs, 1 owns its own; at the
+    exchange a key's bytes win over another owner's failure."""
+    every = [[("a", 5), ("b", 3)], [("c", 1)], [("a", 5), ("b", 3)]]
+    monkeypatch.setattr(ranks, "world", lambda: (2, 3))
+    monkeypatch.setattr(ranks, "_gather", lambda use, value, size: every if use == "agree" else payloads)
+    assert ranks.owners({"a": 5, "b": 3}) == {"a": 0, "b": 2}
+    payloads = [{"a": b"x"}, {"c": None}, {"b": b"y", "c": b"z"}]
+    assert ranks.exchange({"b": b"y"}) == {"a": b"x", "b": b"y", "c": b"z"}
+    every = [[("a", 5)], [("c", 1)], []]  # nobody shares: everyone builds alone from now on
+    monkeypatch.setattr(ranks, "_ALONE", None)
+    assert ranks.owners({"a": 5}) is None and ranks._ALONE is not None
+
+
+def test_rank_split_builds_option_is_checked():
+    assert Options.from_user({}).rank_split_builds == "auto"
+    assert Options.from_user({"rank_split_builds": "off"}).rank_split_builds == "off"
+    with pytest.raises(ValueError, match=r"'rank_split_builds' must be one of \['auto', 'off'\]"):
+        Options.from_user({"rank_split_builds": True})
+
+
+def test_without_a_process_group_nothing_is_split():
+    assert not dist.is_initialized()
+    assert ranks.world() is None
+    assert ranks.owners({"a": 1}) is None
+
+
+def test_distributed_bench_runs_tensor_parallel_decoder_on_cpu(tmp_path):
+    from trt_subgraph.bench import distributed
+
+    argv = ["--device", "cpu", "--tiny", "--nproc", "2", "--modes", "tp", "--backends", "eager,inductor"]
+    assert distributed.main([*argv, "--iters", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "distributed.json").read_text())
+    assert [(r["mode"], r["backend"]) for r in result["rows"]] == [("tp", "eager"), ("tp", "inductor")]
+    for row in result["rows"]:
+        assert row["error"] is None and row["within_tolerance"], row
+        assert row["max_rel_err"] < 1e-4 and row["rank_max_abs_diff"] == 0.0, row
+        assert len(row["first_call_s_per_rank"]) == 2
+    assert "| tp | inductor |" in (tmp_path / "distributed.md").read_text()
+
+
+def test_distributed_bench_rejects_heads_that_do_not_divide():
+    from trt_subgraph.bench import distributed
+    from trt_subgraph.bench.models import build
+
+    model, _ = build("decoder", depth=1, width=32, heads=4, seq=8)
+    with pytest.raises(ValueError, match="4 heads and MLP hidden size 88 must divide by 3 ranks"):
+        distributed.tensor_parallel(model, 0, 3)
+
+
+def test_inductor_artifacts_of_other_gpus_have_other_keys():
+    """Inductor's generated code sets its CUDA device by index: ranks on cuda:0 and cuda:1 must
+    not share an artifact (fake tensors: no GPU needed)."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trt_subgraph.engines.inductor import InductorEngine
+
+    with FakeTensorMode():
+        first, second = torch.empty(2, device="cuda:0"), torch.empty(2, device="cuda:1")
+    engine = InductorEngine()
+    keys = [engine.codegen_key(SimpleNamespace(example_inputs=[x])) for x in (first, second)]
+    assert keys[0]["cuda"]["indexes"] == [0] and keys[1]["cuda"]["indexes"] == [1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_split_the_decoders_builds(tmp_path):
+    from trt_subgraph.bench import distributed
+
+    argv = ["--device", "cuda", "--tiny", "--nproc", "2", "--backends", "trt_subgraph,trt_subgraph-alone"]
+    assert distributed.main([*argv, "--iters", "5", "--warmup", "2", "--out", str(tmp_path)]) == 0
+    for row in json.loads((tmp_path / "distributed.json").read_text())["rows"]:
+        assert row["within_tolerance"] and row["rank_max_abs_diff"] == 0.0, row
+        unique, builds = row["unique_subgraphs"], row["builds_per_rank"]
+        if row["backend"] == "trt_subgraph":  # each GPU sees itself as cuda:0: one build per subgraph
+            assert sum(builds) == unique and sum(row["received_per_rank"]) == unique, row
+        else:
+            assert builds == [unique, unique], row
