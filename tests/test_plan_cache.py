@@ -5,6 +5,7 @@ entry) lowers the graph as usual."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -237,3 +238,139 @@ def test_a_new_process_with_the_cache_full_builds_nothing_and_lowers_nothing(tmp
     assert warm["regions"]["plan"] == "cache hit", warm
     assert warm["calls"] == {"split": 0, "aot_autograd": 0, "worker_pools": 0}, warm
     assert warm["totals"]["builds"] == 0 and warm["statuses"] == ["disk_hit"], warm
+
+
+def _warm(model, inputs, ctx=contextlib.nullcontext):
+    """The report's ``regions["plan"]`` after a compile under ``torch.no_grad()`` and `ctx` in a
+    process that forgot every compiled graph, with the compiled model checked against eager on
+    `inputs` and on fresh ones."""
+    torch.compiler.reset()
+    trt_subgraph.reset()
+    fresh = [torch.randn_like(x) for x in inputs]
+    with torch.no_grad(), ctx():
+        compiled = torch.compile(model, backend="trt_subgraph", options={"engine": "eager"})
+        for x in (inputs, fresh):
+            got, want = compiled(*x), model(*x)
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, **TIGHT)
+    return trt_subgraph.last_report().regions["plan"]
+
+
+class _Scaled(torch.nn.Module):
+    """A linear layer, a buffer, a tensor attribute that is neither parameter nor buffer, and a
+    Python float that Dynamo bakes into the graph."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.register_buffer("shift", torch.randn(8))
+        self.offset = torch.randn(8)
+        self.scale = scale
+
+    def forward(self, x):
+        return torch.relu(self.lin(x) * self.scale + self.shift) + self.offset
+
+
+def test_weight_values_are_read_at_run_time_and_python_constants_are_in_the_key():
+    x = [torch.randn(4, 8)]
+    assert _warm(_Scaled(0.5), x) == "stored"
+    assert _warm(_Scaled(0.5), x) == "cache hit"  # other weights, buffer and attribute values
+    assert _warm(_Scaled(2.0), x) == "stored"
+
+
+def test_training_mode_and_autocast_miss_the_plan():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(p=1.0)).eval()  # train: all zeros
+    x = [torch.randn(4, 8)]
+    assert _warm(model, x) == "stored"
+    assert _warm(model.train(), x) == "stored"
+    assert _warm(model.eval(), x, ctx=lambda: torch.autocast("cpu", dtype=torch.bfloat16)) != "cache hit"
+
+
+def test_a_function_dynamo_puts_in_the_graph_untraced_is_not_cached(monkeypatch):
+    """Its code is in the lowering but not in the graph: a later process may run an edited one."""
+    import types
+
+    module = types.ModuleType("trt_subgraph_test_user_functions")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return sys.modules["trt_subgraph_test_user_functions"].act(self.lin(x))
+
+    model, x, plans = Model(), [torch.randn(4, 8)], []
+    for factor in (2, 3):  # the same function, edited
+        exec(f"def act(x):\n    return x * {factor}\n", module.__dict__)
+        torch._dynamo.allow_in_graph(module.act)
+        plans.append(_warm(model, x))
+    assert all(plan.startswith("not cached (it calls trt_subgraph_test_user_functions.act") for plan in plans), plans
+
+
+def test_an_opaque_custom_op_runs_its_kernel_of_the_day_and_a_decomposed_one_is_not_cached():
+    factor = {"value": 2.0}
+
+    @torch.library.custom_op("trt_subgraph_test_plan::scaled", mutates_args=())
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x * factor["value"]
+
+    @scaled.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    library = torch.library.Library("trt_subgraph_test_plan_implicit", "DEF")
+    library.define("scaled(Tensor x) -> Tensor")
+    library.impl("scaled", lambda x: x * factor["value"], "CompositeImplicitAutograd")
+
+    class Model(torch.nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.lin, self.op = torch.nn.Linear(8, 8), op
+
+        def forward(self, x):
+            return self.op(self.lin(x))
+
+    x = [torch.randn(4, 8)]
+    opaque = Model(torch.ops.trt_subgraph_test_plan.scaled)
+    assert _warm(opaque, x) == "stored"
+    factor["value"] = 5.0
+    assert _warm(opaque, x) == "cache hit"
+    decomposed, plans = Model(torch.ops.trt_subgraph_test_plan_implicit.scaled), []
+    for factor["value"] in (2.0, 3.0):  # the same op, its kernel edited
+        plans.append(_warm(decomposed, x))
+    assert all(plan.startswith("not cached (op trt_subgraph_test_plan_implicit.scaled") for plan in plans), plans
+
+
+def test_a_user_triton_kernel_is_not_cached():
+    """The graph names the kernel and its constant arguments by indexes into a table of the process."""
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+
+    from trt_subgraph._compat import lowering_not_pinned
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["example_value"] = torch.empty(4)
+    kwargs = dict(kernel_idx=0, constant_args_idx=0, grid=[(1, 1, 1)], tma_descriptor_metadata={}, kwargs={"x": x})
+    node = graph.call_function(triton_kernel_wrapper_mutation, kwargs=kwargs)
+    assert "Triton kernel" in lowering_not_pinned(node)
+
+
+def test_a_function_of_torch_in_the_graph_is_cached():
+    """Torch's own functions that Dynamo keeps in the graph (autocast's entry) are pinned by
+    torch's version, which is in the key."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self.lin(x)
+            return y.float() * 2
+
+    x = [torch.randn(4, 8)]
+    assert _warm(Model(), x) == "stored"
+    assert _warm(Model(), x) == "cache hit"

@@ -242,14 +242,18 @@ def test_without_a_process_group_nothing_is_split():
 def test_distributed_bench_runs_tensor_parallel_decoder_on_cpu(tmp_path):
     from trt_subgraph.bench import distributed
 
-    argv = ["--device", "cpu", "--tiny", "--nproc", "2", "--modes", "tp", "--backends", "eager,inductor"]
+    argv = ["--device", "cpu", "--tiny", "--nproc", "2", "--modes", "tp", "--backends", "eager,inductor,trt_subgraph"]
     assert distributed.main([*argv, "--iters", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "distributed.json").read_text())
-    assert [(r["mode"], r["backend"]) for r in result["rows"]] == [("tp", "eager"), ("tp", "inductor")]
+    backends = [(r["mode"], r["backend"]) for r in result["rows"]]
+    assert backends == [("tp", "eager"), ("tp", "inductor"), ("tp", "trt_subgraph")]
     for row in result["rows"]:
         assert row["error"] is None and row["within_tolerance"], row
         assert row["max_rel_err"] < 1e-4 and row["rank_max_abs_diff"] == 0.0, row
         assert len(row["first_call_s_per_rank"]) == 2
+    trt = result["rows"][-1]
+    assert len(trt["builds_per_rank"]) == 2 and sum(trt["builds_per_rank"]) >= trt["unique_subgraphs"] > 0, trt
+    assert trt["background_wait_s"] >= 0.0
     assert "| tp | inductor |" in (tmp_path / "distributed.md").read_text()
 
 

@@ -109,6 +109,50 @@ def test_entries_round_trip_with_ttl_limit_and_listing(redis_url, tmp_path):
     assert cache.clear() == 1 and cache.entries() == []
 
 
+def test_a_ttl_under_one_second_keeps_entries_a_second_and_the_level_on(redis_url, tmp_path):
+    cache = open_cache(redis_url, tmp_path, ttl=0.5)
+    key = make_key({"k": "sub-second"})
+    assert cache.put(key, b"payload", META)
+    assert cache.get(key)[1] == b"payload", "a read renews with Redis's smallest expiry, 1 s"
+    assert cache.available
+    assert 0 < cache.client.pttl(f"trt_subgraph:1:entry:{key}") <= 1000
+
+
+def test_saving_takes_an_artifact_that_only_the_remote_cache_holds(redis_url, tmp_path, monkeypatch):
+    from trt_subgraph import saved
+    from trt_subgraph.engines.inductor import InductorEngine
+    from trt_subgraph.report import SubgraphRecord
+
+    monkeypatch.setenv("TRT_SUBGRAPH_KEY_FILE", str(tmp_path / "cache.key"))
+    options = Options.from_user({"cache_dir": str(tmp_path / "disk"), "remote_cache": redis_url})
+    store = build.ArtifactStore(InductorEngine(), options)
+    key = make_key({"k": "remote only"})
+    assert store.remote.put(key, b"artifact", META) and store.disk.get(key) is None
+    assert saved._artifact_bytes(store, key, SubgraphRecord(fingerprint="f" * 32, nodes=1)) == b"artifact"
+    assert store.disk.get(key) == b"artifact", "a remote hit is written to the disk cache too"
+
+
+def test_a_lease_request_that_fails_keeps_no_lock(redis_url, tmp_path, monkeypatch):
+    import redis
+
+    def refuse(self, *args, **kwargs):
+        raise redis.ConnectionError("connection reset")
+
+    cache = open_cache(redis_url, tmp_path)
+    monkeypatch.setattr(redis.lock.Lock, "acquire", refuse)
+    with cache.claim(make_key({"k": "refused"})) as found:
+        assert found is None, "builds without the lease"
+    assert cache._locks == {} and not cache.available
+
+
+def test_messages_hide_the_urls_password(tmp_path):
+    shown = {url: open_cache(url, tmp_path).shown_url for url in ("redis://u:pw@h:6379/0", "redis://:pw@[::1]:6379/1")}
+    assert shown == {
+        "redis://u:pw@h:6379/0": "redis://u:***@h:6379/0",
+        "redis://:pw@[::1]:6379/1": "redis://:***@[::1]:6379/1",
+    }
+
+
 def test_a_waiting_process_loads_what_the_lease_holder_stored(redis_url, tmp_path, caplog):
     holder, waiter = open_cache(redis_url, tmp_path), open_cache(redis_url, tmp_path)
     impatient = open_cache(redis_url, tmp_path, wait_timeout=0)

@@ -87,7 +87,9 @@ __all__ = [
     "is_traceable_wrapper_subclass",
     "load_compiled_artifact",
     "loading_artifacts",
+    "lowering_not_pinned",
     "make_boxed_func",
+    "marked_cacheable_functions",
     "new_fake_mode",
     "pick_vec_isa_recording_checks",
     "process_state",
@@ -558,6 +560,59 @@ def aot_config_key() -> str:
     settings = save() if save else {}
     text = "\n".join(f"{k}={settings[k]!r}" for k in sorted(settings))
     return xxhash.xxh3_64_hexdigest(text.encode())
+
+
+# Namespaces of torch's own ops: their decompositions change only with torch's version.
+_TORCH_OP_NAMESPACES = frozenset({"aten", "prims", "rngprims", "quantized", "_quantized", "higher_order"})
+# Higher-order ops that name a user's Triton kernel and its constant arguments by an index into
+# a table of the process (``kernel_side_table``), not by their source or values.
+_TRITON_KERNEL_CALLS = frozenset({"triton_kernel_wrapper_mutation", "triton_kernel_wrapper_functional"})
+
+
+def lowering_not_pinned(node: torch.fx.Node) -> str | None:
+    """Why the text of the Dynamo graph that holds `node` does not determine its lowering, or
+    None. AOTAutograd's own cache check (``check_node_safe``, in every torch this package
+    supports) refuses a call of a Python function that Dynamo put in the graph by name
+    (``torch._dynamo.allow_in_graph``): its code is traced into the lowering but is not in the
+    graph, unless torch knows the function or it is marked in
+    ``torch._inductor.config.unsafe_marked_cacheable_functions``. Functions of torch pass here
+    even where that check refuses them (``torch.amp.autocast_mode._enter_autocast``): torch's
+    version, in every key, pins their code; higher-order ops it refuses stay refused. An op
+    outside torch's namespaces with a ``CompositeImplicitAutograd`` kernel is traced into the
+    ops that kernel calls, which its name does not pin either; a user's Triton kernel is named
+    by an index."""
+    try:
+        from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_node_safe
+    except ImportError:
+        return "this torch has no AOTAutograd cacheability check"
+    target = node.target
+    try:
+        check_node_safe(node)
+    except BypassAOTAutogradCache as exc:
+        if node.op != "call_function" or not callable(target) or isinstance(target, HigherOrderOperator):
+            return str(exc).split("\n")[0].strip()
+        module = getattr(target, "__module__", None) or ""
+        if module != "torch" and not module.startswith("torch."):
+            name = f"{module}.{getattr(target, '__qualname__', target)}"
+            return f"it calls {name}, which Dynamo put in the graph untraced: the graph does not hold its code"
+    if node.op != "call_function":
+        return None
+    if isinstance(target, HigherOrderOperator) and target.name() in _TRITON_KERNEL_CALLS:
+        return "it calls a user-defined Triton kernel, which the graph names by an index, not by its source"
+    if isinstance(target, (OpOverload, OpOverloadPacket)) and str(target).split(".")[0] not in _TORCH_OP_NAMESPACES:
+        overloads = [target] if isinstance(target, OpOverload) else [getattr(target, n) for n in target.overloads()]
+        key = torch._C.DispatchKey.CompositeImplicitAutograd
+        if any(op.has_kernel_for_dispatch_key(key) for op in overloads):
+            return f"op {target} is traced into the ops its CompositeImplicitAutograd kernel calls"
+    return None
+
+
+def marked_cacheable_functions() -> dict[str, str]:
+    """``torch._inductor.config.unsafe_marked_cacheable_functions`` ({} where this torch has no such setting):
+    the functions a user marked cacheable, each with the hash that stands for its code."""
+    from torch._inductor import config
+
+    return dict(getattr(config, "unsafe_marked_cacheable_functions", {}))
 
 
 def raise_recompile_limit(limit: int) -> None:

@@ -14,14 +14,19 @@ attributes; each input's dtype, shape, stride, device, storage offset, aliasing,
 requires grad and whether it is a weight, and each weight's 2:4 variant where the engine may
 run sparse kernels; the options that shape the plan; the engine and its settings; Python, torch
 and trt_subgraph versions; the GPU; grad mode, inference mode, autocast, the default dtype, TF32
-and matmul precision, deterministic algorithms, the thread count and aot_autograd's config.
+and matmul precision, deterministic algorithms, the thread count, aot_autograd's config and the
+functions marked in ``torch._inductor.config.unsafe_marked_cacheable_functions``.
 
 Not cached (the backend lowers as usual, and the report's ``regions["plan"]`` says why):
 graphs with symbolic sizes (lowering them adds guards to Dynamo's shape environment, which a
 cached plan could not add), callables that no name identifies (closures, bound methods),
-tensor-subclass inputs, graphs that a saved function cannot hold (inputs mutated in place,
-outputs that are views of inputs, engine pieces inside ``torch.cond``), plans with a failed
-build, and ``trt_subgraph.capture``. A plan whose artifacts are not all cached any more is
+graphs whose lowering their text does not pin, since a later process may have changed that code
+(a call of a Python function that Dynamo put in the graph by name, as
+``torch._dynamo.allow_in_graph`` does, which AOTAutograd's cache refuses too; an op outside
+torch's namespaces that its ``CompositeImplicitAutograd`` kernel decomposes; a user-defined
+Triton kernel), tensor-subclass inputs, graphs that a saved function cannot hold (inputs
+mutated in place, outputs that are views of inputs, engine pieces inside ``torch.cond``), plans
+with a failed build, and ``trt_subgraph.capture``. A plan whose artifacts are not all cached any more is
 lowered as usual and stored again.
 """
 
@@ -38,7 +43,14 @@ import torch.fx
 import xxhash
 
 from . import __version__, saved, symbolic
-from ._compat import StorageWeakRef, aot_config_key, is_traceable_wrapper_subclass, process_state
+from ._compat import (
+    StorageWeakRef,
+    aot_config_key,
+    is_traceable_wrapper_subclass,
+    lowering_not_pinned,
+    marked_cacheable_functions,
+    process_state,
+)
 from .cache import FORMAT_VERSION as CACHE_FORMAT
 from .cache import DiskCache, make_key
 from .engines.base import ACTIVATION, SYMINT, WEIGHT, Engine
@@ -46,7 +58,7 @@ from .fingerprint import UnhashableArgument, describe
 from .fx_utils import placeholders
 from .options import Options
 
-__all__ = ["lookup", "plan_key", "store"]
+__all__ = ["NotCacheable", "lookup", "plan_key", "store"]
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +146,8 @@ def store(key: str, compiled: Any, options: Options) -> str:
         return f"not stored (the builds of subgraphs {failed} failed)"
     try:
         payload = pickle.dumps(saved._plan_state(plan, artifacts=False), protocol=pickle.HIGHEST_PROTOCOL)
-    except RuntimeError as exc:  # what a saved function cannot hold
-        why = str(exc).removeprefix("trt_subgraph: this compiled function cannot be saved: ")
-        return f"not stored ({why.split('. Saving supports')[0]})"
+    except saved.Unsavable as exc:
+        return f"not stored ({exc.reason})"
     except Exception as exc:  # something in the plan does not pickle
         log.warning("trt_subgraph: the plan of this graph could not be stored (%s: %s)", type(exc).__name__, exc)
         return f"not stored ({type(exc).__name__}: {exc})"
@@ -156,13 +167,17 @@ def _graph_digest(gm: torch.fx.GraphModule, kinds: list[str]) -> str:
     """xxh3-128 of what the plan of `gm` is made from: its structure and fake values
     (`fingerprint.describe`, which refuses callables no name identifies), its code (node
     names, which name module paths), each node's ``nn_module_stack`` and custom meta (blocks
-    are found by them), and its attributes (constant tensors by value, subgraphs alike)."""
+    are found by them), and its attributes (constant tensors by value, subgraphs alike). Refuses
+    a graph whose lowering its text does not pin (`lowering_not_pinned`: code that a later
+    process may have changed under the same name, as a Python function Dynamo did not trace)."""
     try:
         text = [describe(gm, kinds, meta_key="example_value"), gm.code]
     except UnhashableArgument as exc:
         raise NotCacheable(str(exc)) from None
     scopes: dict[str, int] = {}  # a stack's keys name module instances by id(): numbered here
     for node in gm.graph.nodes:
+        if (why := lowering_not_pinned(node)) is not None:
+            raise NotCacheable(why)
         stack = node.meta.get("nn_module_stack") or {}
         rendered = [f"{scopes.setdefault(key, len(scopes))}={_module_path(entry)}" for key, entry in stack.items()]
         custom = node.meta.get("custom")
@@ -263,4 +278,5 @@ def _global_state() -> dict[str, Any]:
         "autocast_cache": torch.is_autocast_cache_enabled(),
         "process": {name: _plain(value) for name, value in process_state().items()},
         "aot_config": aot_config_key(),
+        "marked_cacheable": sorted(marked_cacheable_functions().items()),
     }

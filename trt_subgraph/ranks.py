@@ -24,7 +24,10 @@ compiling different models, or per-device artifacts) every rank sees it in the s
 and builds alone from then on. A rank that compiles a graph no other rank does (``if rank == 0:
 evaluate(compiled)``) waits :data:`AGREE_TIMEOUT` for the others, then builds alone from then on;
 a failure of the groups (a rank died, :data:`EXCHANGE_TIMEOUT` passed) is logged and the ranks
-build alone from then on. Option ``rank_split_builds="off"`` never splits.
+build alone from then on. A rank that finds the graph's plan in its plan cache
+(`trt_subgraph.plan_cache`) lowers nothing and takes no part in the agreement: where only some
+ranks find it (their disk caches differ), the others wait as for a graph one rank compiles.
+Option ``rank_split_builds="off"`` never splits.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ class CUDAGraphForward:
 
     Per call, the host reads the shapes of the inputs that are not static (the static ones, the
     weights, have the shapes Dynamo guards on) and each static input's data pointer and version
-    counter: a few microseconds plus a fraction of one per weight.
+    counter: about 0.5 µs per weight per call, measured on a CPU with a stand-in graph.
     """
 
     def __init__(

@@ -252,10 +252,21 @@ def group_of(record: SubgraphRecord) -> str:
     return record.fingerprint if record.variant is None else f"{record.fingerprint}/{record.variant}"
 
 
+class Unsavable(RuntimeError):
+    """A plan that a saved function cannot hold; `reason` names the part of the graph."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"trt_subgraph: this compiled function cannot be saved: {reason}. Saving supports "
+            "graphs that mutate no input in place and return no view of an input."
+        )
+        self.reason = reason
+
+
 def _plan_state(plan: Plan, *, artifacts: bool = True) -> dict[str, Any]:
-    """The plan as plain data (graphs pickled); RuntimeError naming what cannot be saved.
+    """The plan as plain data (graphs pickled); :class:`Unsavable` naming what cannot be saved.
     `artifacts`: hold each artifact's bytes; without, groups name their artifacts by cache key
-    only (a load then finds them in this process's memory or the disk cache)."""
+    only (a load then finds them in this process's memory or the caches: disk, remote)."""
     problems = [graph.recorder.unsupported for graph in plan.graphs if graph.recorder.unsupported]
     problems += _user_aliases(plan)
     problems += [
@@ -264,10 +275,7 @@ def _plan_state(plan: Plan, *, artifacts: bool = True) -> dict[str, Any]:
         if any("." in attr for attr in graph.runners)
     ][:1]
     if problems:
-        raise RuntimeError(
-            f"trt_subgraph: this compiled function cannot be saved: {problems[0]}. Saving supports "
-            "graphs that mutate no input in place and return no view of an input."
-        )
+        raise Unsavable(problems[0])
     store = ArtifactStore(plan.engine, plan.options)
     subs: dict[str, CanonicalSubgraph] = {}
     graphs = []
@@ -345,21 +353,21 @@ def _user_aliases(plan: Plan) -> list[str]:
 
 
 def _artifact_bytes(store: ArtifactStore, key: str, rec: SubgraphRecord) -> bytes | None:
-    """The artifact of `key` as the engine persists it (from this process, else the disk
-    cache); None where the engine cannot persist it (a load then builds it)."""
+    """The artifact of `key` as the engine persists it (from this process, else the disk or
+    remote cache); None where the engine cannot persist it (a load then builds it)."""
     if not store.engine.persistable:
         return None
     artifact = remembered(key)
     if artifact is not None:
         return store.engine.serialize(artifact)
-    payload = store.disk.get(key) if store.disk is not None else None
-    if payload is None:
+    found = store.lookup(key)
+    if found is None:
         log.warning(
-            "trt_subgraph: the artifact of subgraph %s is neither in memory nor in the disk cache; "
-            "a load will build it",
+            "trt_subgraph: the artifact of subgraph %s is neither in memory nor in the caches; a load will build it",
             rec.fingerprint,
         )
-    return payload
+        return None
+    return found[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +412,12 @@ class _Group:
                     found, status = self.store.engine.deserialize(cached[0], self.sub), cached[1]
                     remember(self.key, found)
                 except Exception as exc:
-                    log.warning("trt_subgraph: saved artifact of %s failed to load (%s)", self.sub.fingerprint, exc)
+                    log.warning(
+                        "trt_subgraph: the %s artifact of subgraph %s failed to load (%s)",
+                        "saved" if cached[1] == "loaded" else "cached",
+                        self.sub.fingerprint,
+                        exc,
+                    )
         self.record.build_s = 0.0
         if found is None:
             self.record.status = "pending"
@@ -611,7 +624,7 @@ def _rebuild(
 
 def _with_artifacts(state: dict[str, Any], store: ArtifactStore) -> bytes:
     """The payload of a plan `state` whose groups name their artifacts by key only, with the
-    artifacts' bytes (this process's, else the disk cache's) put in."""
+    artifacts' bytes (this process's, else the disk or remote cache's) put in."""
     groups = {}
     for name, group in state["groups"].items():
         if group["artifact"] is None and group["record"]["status"] != "fallback":

@@ -91,6 +91,10 @@ _PAUSE_MAX = 0.5  # seconds between two polls of a waiting process
 
 @dataclasses.dataclass(frozen=True)
 class RemoteEntryInfo:
+    """One remote entry as :meth:`RemoteCache.entries` lists it, read from its header only
+    (not verified): cache key, engine, size, creation time (Unix seconds; None where the header
+    cannot be read), the versions it was built with and the engine's notes (``info``)."""
+
     key: str
     engine: str  # "?" where the header cannot be read (verify() says why)
     size: int  # bytes, header included
@@ -123,7 +127,8 @@ class RemoteCache(abc.ABC):
     included; larger ones are neither stored nor read. ``key_file``: the fleet's key file
     (default :func:`~trt_subgraph.cache.paths.default_key_file`; created where missing, as the
     disk cache does). ``wait_timeout``: seconds a process waits for another's build at most.
-    Raises ValueError for a ``ttl``, ``entry_limit`` or ``wait_timeout`` that is not positive.
+    Raises ValueError for a ``ttl`` or ``entry_limit`` that is not positive, or a negative
+    ``wait_timeout``.
     """
 
     def __init__(
@@ -160,8 +165,8 @@ class RemoteCache(abc.ABC):
         parts = urllib.parse.urlsplit(self.url)
         if parts.password is None:
             return self.url
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        host = parts.netloc.rpartition("@")[2]  # as written: an IPv6 address keeps its brackets
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
     # ---------------------------------------------------------------- primitives
 
@@ -380,7 +385,7 @@ class RemoteCache(abc.ABC):
                     ("remote wait", self.url),
                     "waiting for remote cache entry %s, which %s is building",
                     key,
-                    _describe(holder),
+                    _holder_name(holder),
                 )
                 announced = True
             time.sleep(pause)
@@ -456,7 +461,8 @@ class RemoteCache(abc.ABC):
         return n
 
 
-def _describe(token: str | None) -> str:
+def _holder_name(token: str | None) -> str:
+    """Who holds a build lease, from its token (``"<pid> <host> <uuid>"``, see :meth:`RemoteCache.claim`)."""
     parts = (token or "").split()
     if len(parts) == 3 and parts[0].isdigit():
         return f"pid {parts[0]} on host {parts[1]}"
@@ -502,15 +508,20 @@ class RedisCache(RemoteCache):
     def _size(self, key: str) -> int:
         return int(self.client.strlen(self._name(key)))
 
+    @property
+    def _expiry(self) -> int | None:
+        """``ttl`` in whole seconds as Redis takes it (at least 1), or None."""
+        return None if self.ttl is None else max(1, int(self.ttl))
+
     def _read(self, key: str) -> bytes | None:
         name = self._name(key)
-        return self.client.getex(name, ex=int(self.ttl)) if self.ttl is not None else self.client.get(name)
+        return self.client.getex(name, ex=self._expiry) if self._expiry is not None else self.client.get(name)
 
     def _head(self, key: str, n: int) -> bytes | None:
         return self.client.getrange(self._name(key), 0, n - 1) or None
 
     def _write(self, key: str, data: bytes) -> None:
-        self.client.set(self._name(key), data, ex=None if self.ttl is None else max(1, int(self.ttl)))
+        self.client.set(self._name(key), data, ex=self._expiry)
 
     def _delete(self, key: str) -> None:
         self.client.delete(self._name(key))
@@ -536,10 +547,13 @@ class RedisCache(RemoteCache):
     def _take_lease(self, key: str, token: str, ttl: float) -> bool:
         lock = self._lock(key, token)
         lock.timeout = ttl
-        if lock.acquire(blocking=False, token=token):
-            return True
-        self._forget(key, token)
-        return False
+        taken = False
+        try:
+            taken = lock.acquire(blocking=False, token=token)
+        finally:
+            if not taken:  # held by another, or the server failed: nothing of ours to renew or release
+                self._forget(key, token)
+        return taken
 
     def _renew_lease(self, key: str, token: str, ttl: float) -> bool:
         try:
