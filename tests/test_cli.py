@@ -64,6 +64,27 @@ def test_cache_ls_and_stats_import_no_torch(tmp_path):
     assert "e" * 32 in run_cli_process(["cache", "ls", "--dir", str(tmp_path / "cache")], env=env)[2]
 
 
+@pytest.mark.parametrize("command", ["ls", "stats", "verify", "clear"])
+def test_cache_takes_the_directory_or_the_remote_cache_not_both(tmp_path, command):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trt_subgraph",
+            "cache",
+            command,
+            "--dir",
+            str(tmp_path),
+            "--remote",
+            "redis://127.0.0.1:1/0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_importing_the_package_imports_no_torch():
     code = "import sys, trt_subgraph, trt_subgraph.cache; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

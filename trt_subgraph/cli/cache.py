@@ -199,12 +199,13 @@ def add_cli(subparsers: Any) -> None:
     p = add_command(subparsers, "cache", help="inspect or clean the persistent engine cache", description=DESCRIPTION)
     sub = p.add_subparsers(dest="cache_command", required=True, metavar="{ls,stats,verify,clear}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    where = common.add_mutually_exclusive_group()  # the directory or the remote cache, not both
+    where.add_argument(
         "--dir",
         default=str(default_cache_dir()),
         help="cache directory (default: %(default)s, from TRT_SUBGRAPH_CACHE_DIR, else XDG_CACHE_HOME, else ~/.cache)",
     )
-    common.add_argument(
+    where.add_argument(
         "--remote",
         metavar="URL",
         help="work on the fleet's remote cache at URL (redis://host:port/db) instead of the directory; "
