@@ -42,9 +42,7 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +56,7 @@ from torch import nn
 
 from trt_subgraph._compat import functional_all_reduce, raise_recompile_limit
 from trt_subgraph.bench.models import DTYPES, DecoderBlock, _rotate_half, build
+from trt_subgraph.bench.runner import run_in_own_session
 
 MODES = ("tp", "dp")
 BACKENDS = ("trt_subgraph", "trt_subgraph-alone", "trt_subgraph-remote", "inductor", "reduce-overhead", "eager")
@@ -150,30 +149,19 @@ def run_case(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]
         "--worker",
         json.dumps({**spec, "caches": tmp}),
     ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        timed_out = True
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+        returncode, stdout, stderr, timed_out, seconds = run_in_own_session(cmd, timeout=timeout)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    row["wall_s"] = round(time.perf_counter() - start, 3)
+    row["wall_s"] = round(seconds, 3)
     found = [json.loads(line[len(MARKER) :]) for line in stdout.splitlines() if line.startswith(MARKER)]
     if found:
         row.update(found[-1])
     if timed_out:
         row["error"] = f"timed out after {timeout:.0f} s"
-    elif proc.returncode != 0 or not found:
+    elif returncode != 0 or not found:
         tail = (stderr or stdout).strip().splitlines()[-20:]
-        row["error"] = f"exit {proc.returncode}: " + " | ".join(tail)
+        row["error"] = f"exit {returncode}: " + " | ".join(tail)
     return row
 
 

@@ -271,6 +271,30 @@ def _sizes(case: Case) -> dict[str, Any]:
     return {k: v for k, v in sizes.items() if v is not None}
 
 
+def run_in_own_session(
+    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None
+) -> tuple[int | None, str, str, bool, float]:
+    """Run `cmd` to its end in a session of its own, so that a timeout (seconds) kills what it
+    started too (compile workers, ranks): (return code, stdout, stderr, timed out, seconds).
+    `env`: the child's whole environment (None: this process's)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        timed_out = True
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc.returncode, stdout, stderr, timed_out, time.perf_counter() - start
+
+
 def run_case(
     case: Case, *, trt_cache_dir: str, timeout: float, log_file: Path | None = None, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -295,24 +319,10 @@ def run_case(
         TRT_SUBGRAPH_CACHE_DIR=trt_cache_dir,
     )
     cmd = [sys.executable, "-m", "trt_subgraph.bench._case", json.dumps(case.spec)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env, start_new_session=True
-    )  # own group: a timeout kills compile workers too
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        timed_out = True
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+        returncode, stdout, stderr, timed_out, row["wall_s"] = run_in_own_session(cmd, timeout=timeout, env=child_env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    row["wall_s"] = time.perf_counter() - t0
     result = None
     for line in stdout.splitlines():
         if line.startswith(MARKER):
@@ -321,7 +331,7 @@ def run_case(
         row.update(status="timeout", error=f"timed out after {timeout:g}s")
     elif result is None:
         tail = " | ".join(stderr.strip().splitlines()[-3:])
-        row.update(status="error", error=f"case process exited with {proc.returncode} without a result: {tail}")
+        row.update(status="error", error=f"case process exited with {returncode} without a result: {tail}")
     else:
         row.update(result)
     if log_file is not None and row["status"] != "ok":

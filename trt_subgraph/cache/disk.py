@@ -32,7 +32,7 @@ from .entry import (
     read_entry,
     read_header,
 )
-from .paths import UntrustedKeyFile, default_key_file, load_or_create_secret, make_private_dir, read_secret
+from .paths import default_key_file, make_private_dir, read_secret, usable_secret
 
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "DEFAULT_SIZE_LIMIT", "DEFAULT_STALL_TIMEOUT", "DiskCache", "EntryInfo"]
 
@@ -171,12 +171,8 @@ class DiskCache:
 
     def _secret(self) -> bytes | None:
         if self._secret_value is None and self._secret_error is None:
-            try:
-                self._secret_value = load_or_create_secret(self.key_file)
-            except (OSError, ValueError) as e:
-                self._secret_error = (
-                    str(e) if isinstance(e, UntrustedKeyFile) else f"cannot use key file {self.key_file}: {e}"
-                )
+            self._secret_value, self._secret_error = usable_secret(self.key_file)
+            if self._secret_error is not None:
                 warn_once(
                     log,
                     ("disk cache key file", str(self.key_file)),

@@ -197,3 +197,12 @@ def load_or_create_secret(path: pathlib.Path) -> bytes:
         return secret
     finally:
         os.unlink(tmp)
+
+
+def usable_secret(path: pathlib.Path) -> tuple[bytes | None, str | None]:
+    """(secret, None) from :func:`load_or_create_secret`, or (None, why the key file at `path`
+    cannot be used): what a cache says when it turns itself off. Never raises."""
+    try:
+        return load_or_create_secret(path), None
+    except (OSError, ValueError) as e:
+        return None, str(e) if isinstance(e, UntrustedKeyFile) else f"cannot use key file {path}: {e}"

@@ -52,7 +52,7 @@ from .entry import (
     encode_entry,
     parse_header,
 )
-from .paths import UntrustedKeyFile, default_key_file, load_or_create_secret, read_secret
+from .paths import default_key_file, read_secret, usable_secret
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -245,12 +245,8 @@ class RemoteCache(abc.ABC):
 
     def _secret(self) -> bytes | None:
         if self._secret_value is None and self._secret_error is None:
-            try:
-                self._secret_value = load_or_create_secret(self.key_file)
-            except (OSError, ValueError) as e:
-                self._secret_error = (
-                    str(e) if isinstance(e, UntrustedKeyFile) else f"cannot use key file {self.key_file}: {e}"
-                )
+            self._secret_value, self._secret_error = usable_secret(self.key_file)
+            if self._secret_error is not None:
                 warn_once(
                     log,
                     ("remote cache key file", str(self.key_file)),

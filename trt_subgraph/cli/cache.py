@@ -39,6 +39,19 @@ def _when(t: float | None) -> str:
         return "-"
 
 
+def _print_entries(infos: list[Any], when: str, times: list[float | None], where: Any) -> None:
+    """The ``ls`` table of a local or remote cache's entries; `when` heads the column of `times`."""
+    rows = [("KEY", "FINGERPRINT", "ENGINE", "SIZE", when)]
+    rows += [
+        (e.key, _shown(str(e.info.get("fingerprint", "-"))), _shown(e.engine), _human_size(e.size), _when(t))
+        for e, t in zip(infos, times)
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
+    print(f"{len(infos)} entries, {_human_size(sum(e.size for e in infos))} in {where}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.remote is not None:
         return _run_remote(args)
@@ -79,21 +92,7 @@ def _run(args: argparse.Namespace, directory: pathlib.Path) -> int:
             listing = [{**dataclasses.asdict(e), "path": str(e.path)} for e in infos]
             print(json.dumps(listing, indent=2, allow_nan=False))
             return 0
-        rows = [("KEY", "FINGERPRINT", "ENGINE", "SIZE", "LAST USE")]
-        rows += [
-            (
-                e.key,
-                _shown(str(e.info.get("fingerprint", "-"))),
-                _shown(e.engine),
-                _human_size(e.size),
-                _when(e.last_used),
-            )
-            for e in infos
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
-        print(f"{len(infos)} entries, {_human_size(sum(e.size for e in infos))} in {cache.directory}")
+        _print_entries(infos, "LAST USE", [e.last_used for e in infos], cache.directory)
         return 0
     if args.cache_command == "stats":
         s = cache.stats()
@@ -138,21 +137,7 @@ def _remote_command(args: argparse.Namespace, cache: Any) -> int:
         if args.json:
             print(json.dumps([dataclasses.asdict(e) for e in infos], indent=2, allow_nan=False))
             return 0
-        rows = [("KEY", "FINGERPRINT", "ENGINE", "SIZE", "CREATED")]
-        rows += [
-            (
-                e.key,
-                _shown(str(e.info.get("fingerprint", "-"))),
-                _shown(e.engine),
-                _human_size(e.size),
-                _when(e.created),
-            )
-            for e in infos
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
-        print(f"{len(infos)} entries, {_human_size(sum(e.size for e in infos))} in {cache.shown_url}")
+        _print_entries(infos, "CREATED", [e.created for e in infos], cache.shown_url)
         return 0
     if args.cache_command == "stats":
         s = cache.stats()
