@@ -101,3 +101,19 @@ def redis_url(_shared_redis):
     """The URL of a Redis server shared by the tests, emptied before each test."""
     _shared_redis.client.flushall()
     return _shared_redis.url
+
+
+@pytest.fixture
+def eager_engine_with_2_4_variants(monkeypatch):
+    """The eager engine, with 2:4 weights as another weight variant, as the inductor engine has on
+    CUDA: code that depends on the weights' sparsity pattern, testable on a CPU."""
+    from trt_subgraph import engines
+    from trt_subgraph.engines.eager import EagerEngine
+    from trt_subgraph.sparsity import analyze_weight
+
+    class TwoFourEagerEngine(EagerEngine):
+        def weight_variant(self, weight):
+            return "2:4" if weight.dim() == 2 and analyze_weight(weight, kind="linear").pattern_ok else "dense"
+
+    real = engines.engine_class
+    monkeypatch.setattr(engines, "engine_class", lambda name: TwoFourEagerEngine if name == "eager" else real(name))

@@ -17,9 +17,8 @@ import torch
 import trt_subgraph
 from trt_subgraph import engines, plan_cache, regions
 from trt_subgraph.bench import models
-from trt_subgraph.engines.eager import EagerEngine
 from trt_subgraph.options import Options
-from trt_subgraph.sparsity import analyze_weight, prune_2_4
+from trt_subgraph.sparsity import prune_2_4
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 DECODER = dict(depth=2, width=16, batch=2, seq=8)
@@ -109,16 +108,7 @@ def test_options_that_change_the_plan_miss_and_others_hit(lowerings):
     assert compile_and_run(model, inputs, cache_dir=None).regions["plan"] == "off (disk cache off)"
 
 
-class _TwoFourEagerEngine(EagerEngine):
-    """The eager engine, with 2:4 weights as another weight variant (as the inductor engine on CUDA)."""
-
-    def weight_variant(self, weight):
-        return "2:4" if weight.dim() == 2 and analyze_weight(weight, kind="linear").pattern_ok else "dense"
-
-
-def test_weights_that_lost_their_2_4_pattern_miss_the_plan(monkeypatch, lowerings):
-    real = engines.engine_class
-    monkeypatch.setattr(engines, "engine_class", lambda name: _TwoFourEagerEngine if name == "eager" else real(name))
+def test_weights_that_lost_their_2_4_pattern_miss_the_plan(eager_engine_with_2_4_variants, lowerings):
     model, inputs = models.build("decoder", seed=0, **DECODER)
     for block in model.layers:
         prune_2_4(block)

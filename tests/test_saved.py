@@ -14,10 +14,9 @@ import torch
 import torch.nn as nn
 
 import trt_subgraph
-from trt_subgraph import engines, pipeline, runtime, saved
+from trt_subgraph import pipeline, runtime, saved
 from trt_subgraph.bench import models
-from trt_subgraph.engines.eager import EagerEngine
-from trt_subgraph.sparsity import analyze_weight, prune_2_4
+from trt_subgraph.sparsity import prune_2_4
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.compiler, "load_compiled_function"), reason="torch without aot_compile (< 2.9)"
@@ -278,16 +277,7 @@ def test_what_cannot_be_saved_says_why(tmp_path):
     assert not list(tmp_path.glob("*.tsg")) and not list(tmp_path.glob(".*.tmp"))
 
 
-class _TwoFourEagerEngine(EagerEngine):
-    """The eager engine, with 2:4 weights as another weight variant (as the inductor engine on CUDA)."""
-
-    def weight_variant(self, weight):
-        return "2:4" if weight.dim() == 2 and analyze_weight(weight, kind="linear").pattern_ok else "dense"
-
-
-def test_weights_of_another_sparsity_pattern_than_the_saved_ones_are_refused(tmp_path, monkeypatch):
-    real = engines.engine_class
-    monkeypatch.setattr(engines, "engine_class", lambda name: _TwoFourEagerEngine if name == "eager" else real(name))
+def test_weights_of_another_sparsity_pattern_than_the_saved_ones_are_refused(tmp_path, eager_engine_with_2_4_variants):
     model, inputs = models.build("decoder", seed=0, **DECODER)
     for block in model.layers:
         prune_2_4(block)
