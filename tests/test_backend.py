@@ -614,6 +614,64 @@ def test_artifact_loads_compile_in_process_unless_the_user_or_a_running_pool_say
         assert seen == [1, 8, 8] and inductor_config.compile_threads == 8
 
 
+def test_every_call_runs_the_forward_once_the_recording_call_too(monkeypatch):
+    """On a CPU, with torch.cuda's capture API stood in for (a graph replays what the forward
+    captured into it): each call does the forward's work exactly once, also the call that
+    records and those after a swap or a weight change. A forward with collectives depends on
+    it: ranks that record at different calls must still run the same collectives."""
+    import contextlib
+    import types
+
+    from trt_subgraph.runtime import CUDAGraphForward
+
+    state = types.SimpleNamespace(capturing=None, modes=[])
+    work: list[str] = []
+
+    class Graph:
+        def replay(self) -> None:
+            self.captured()
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, capture_error_mode="global"):
+        state.capturing = g
+        state.modes.append(capture_error_mode)
+        try:
+            yield
+        finally:
+            state.capturing = None
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    def forward(args: list) -> list:
+        x, w = args
+        if state.capturing is not None:  # recorded, not run
+            out = torch.empty_like(x)
+            state.capturing.captured = lambda: (out.copy_(x * w + 1), work.append("replay"))
+            return [out]
+        work.append("run")
+        return [x * w + 1]
+
+    weight = torch.randn(8)
+    graphed = CUDAGraphForward(forward, static_positions=[1])
+    for call in range(9):
+        if call == 4:
+            graphed.invalidate()  # a background build swapped in
+        if call == 6:
+            with torch.no_grad():
+                weight.mul_(2)  # a new version of a static input records again
+        x = torch.randn(8)
+        torch.testing.assert_close(graphed([x, weight])[0], x * weight + 1)
+        assert len(work) == call + 1, work
+    assert graphed.records == 3 and state.modes == ["thread_local"] * 3
+    assert work == ["run", "run", "replay", "replay", "run", "run", "run", "replay", "replay"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_is_recorded_at_the_second_call_and_replayed_after_it():

@@ -549,7 +549,7 @@ def test_replays_key_on_activation_shapes_and_record_again_when_a_weight_changes
         static = [(i, a.clone()) for i, a in enumerate(args) if i != 2 and isinstance(a, torch.Tensor)]
         graph = types.SimpleNamespace(replay=lambda: None)
         self.graphs[signature] = runtime._Recorded(graph, static, forward(args), addresses)
-        return self.graphs[signature]
+        return forward(args)
 
     monkeypatch.setattr(runtime.CUDAGraphForward, "_record", record)
     weight = torch.randn(16, 16)

@@ -187,7 +187,11 @@ class CUDAGraphForward:
 
     A signature's first call runs uncaptured and its second records, as inductor's CUDA graph
     trees do: the first output does not wait for a capture, and one-time lazy set-up (cuBLAS
-    handles, kernel loading) happens before any capture. At most `max_shapes` graphs are kept;
+    handles, kernel loading) happens before any capture. Every call runs the forward's work
+    exactly once, the recording call too (its output comes from the run before the capture): a
+    forward with collectives (tensor parallel) stays in step with the other ranks, whichever
+    call each of them records at. The capture is thread-local, as in CUDA graph trees, so that
+    other threads (background builds, NCCL's watchdog) may use CUDA meanwhile. At most `max_shapes` graphs are kept;
     recording one more drops the least recently replayed. All graphs share one memory pool: they
     replay one at a time on one stream and their outputs are copied out at each replay, so their
     temporaries can share memory. `padding`: pad the batch to listed sizes, so that nearby batch
@@ -244,9 +248,10 @@ class CUDAGraphForward:
         if recorded is None or addresses != recorded.addresses:
             self.called_once.pop(signature, None)
             padded = self.padding.pad(args, batch, target) if batch != target else args
-            recorded = self._record(signature, padded, addresses)
-            if recorded is None:
+            outputs = self._record(signature, padded, addresses)
+            if outputs is None:
                 return self._run(args, batch, target)
+            return self.padding.unpad(outputs, batch, target) if batch != target else outputs
         self.graphs.move_to_end(signature)
         padded_inputs = self.padded_inputs if batch != target else ()
         for i, static in recorded.copy_in:
@@ -288,7 +293,10 @@ class CUDAGraphForward:
         while len(self.called_once) > 4 * self.max_shapes:  # bounded: sizes seen once are forgotten
             self.called_once.popitem(last=False)
 
-    def _record(self, signature: tuple, args: list, addresses: tuple[list[int], list[int]]) -> _Recorded | None:
+    def _record(self, signature: tuple, args: list, addresses: tuple[list[int], list[int]]) -> list | None:
+        """Run the forward once on a side stream (this call's outputs, returned) and capture it
+        as the signature's graph, which the next call replays. Where the capture fails, the
+        forward runs uncaptured from here on; None only where it has not run in this call."""
         static = set(self.static_positions)
         inputs = [a if i in static or not isinstance(a, torch.Tensor) else a.clone() for i, a in enumerate(args)]
         copy_in = [(i, inputs[i]) for i, a in enumerate(args) if i not in static and isinstance(a, torch.Tensor)]
@@ -297,21 +305,22 @@ class CUDAGraphForward:
             self.graphs.popitem(last=False)
         if not self.graphs:  # none left to keep the pool alive (see `invalidate`)
             self.pool = None
+        this_call = None
         try:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # a side-stream run before capture, as torch.cuda.graphs asks
-                self.forward(list(inputs))
+                this_call = self.forward(list(inputs))
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = self.forward(list(inputs))
         except Exception as exc:  # capture-unsafe op: stay correct, stay uncaptured
             self.failed = f"{type(exc).__name__}: {exc}"
             log.warning("trt_subgraph: CUDA graph capture failed (%s); running without CUDA graphs", self.failed)
-            return None
-        recorded = self.graphs[signature] = _Recorded(graph, copy_in, outputs, addresses)
+            return None if this_call is None else list(this_call)
+        self.graphs[signature] = _Recorded(graph, copy_in, outputs, addresses)
         self.records += 1
-        return recorded
+        return list(this_call)

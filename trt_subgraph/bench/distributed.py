@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import shutil
@@ -115,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mode in modes:
         for backend in backends:
-            row = run_case({**base, "mode": mode, "backend": backend}, args.nproc, args.timeout)
+            row = run_case({**base, "mode": mode, "backend": backend}, args.nproc, args.timeout, args.out)
             print(_line(row), flush=True)
             rows.append(row)
-    result = {"meta": _meta(base, args.nproc), "rows": rows}
-    (args.out / "distributed.json").write_text(json.dumps(result, indent=2))
-    (args.out / "distributed.md").write_text(markdown(result))
+            result = {"meta": _meta(base, args.nproc), "rows": rows}  # after every case: a stopped run keeps its rows
+            (args.out / "distributed.json").write_text(json.dumps(result, indent=2))
+            (args.out / "distributed.md").write_text(markdown(result))
     print(f"wrote {args.out / 'distributed.json'} and {args.out / 'distributed.md'}")
     return 0 if all(row.get("error") is None for row in rows) else 1
 
@@ -133,9 +134,11 @@ def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-def run_case(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]:
+def run_case(spec: dict[str, Any], nproc: int, timeout: float, log_dir: Path) -> dict[str, Any]:
     """One case in a fresh ``torchrun`` launch of `nproc` ranks with empty caches; its row
-    (with ``error`` set where it failed or timed out)."""
+    (with ``error`` set where it failed or timed out). A failed case's whole output goes to
+    ``<mode>-<backend>.log`` in `log_dir`; a rank still running 15 s before `timeout` (seconds)
+    writes every thread's stack there first."""
     row: dict[str, Any] = {"mode": spec["mode"], "backend": spec["backend"], "ranks": nproc}
     tmp = tempfile.mkdtemp(prefix="trt_subgraph_dist_")
     cmd = [
@@ -147,7 +150,7 @@ def run_case(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]
         "-m",
         "trt_subgraph.bench.distributed",
         "--worker",
-        json.dumps({**spec, "caches": tmp}),
+        json.dumps({**spec, "caches": tmp, "stacks_after_s": max(timeout - 15.0, 1.0)}),
     ]
     try:
         returncode, stdout, stderr, timed_out, seconds = run_in_own_session(cmd, timeout=timeout)
@@ -157,11 +160,14 @@ def run_case(spec: dict[str, Any], nproc: int, timeout: float) -> dict[str, Any]
     found = [json.loads(line[len(MARKER) :]) for line in stdout.splitlines() if line.startswith(MARKER)]
     if found:
         row.update(found[-1])
+    tail = " | ".join((stderr or stdout).strip().splitlines()[-20:])
+    if timed_out or returncode != 0 or not found:
+        log = log_dir / f"{spec['mode']}-{spec['backend']}.log"
+        log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
     if timed_out:
-        row["error"] = f"timed out after {timeout:.0f} s"
+        row["error"] = f"timed out after {timeout:.0f} s: {tail}"
     elif returncode != 0 or not found:
-        tail = (stderr or stdout).strip().splitlines()[-20:]
-        row["error"] = f"exit {returncode}: " + " | ".join(tail)
+        row["error"] = f"exit {returncode}: {tail}"
     return row
 
 
@@ -187,6 +193,7 @@ def _meta(base: dict[str, Any], nproc: int) -> dict[str, Any]:
 
 
 def _worker(spec: dict[str, Any]) -> int:
+    faulthandler.dump_traceback_later(spec["stacks_after_s"])  # a hung rank shows where it waits
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     caches = os.path.join(spec["caches"], f"rank{rank}")  # nothing shared between ranks but by the backend
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(caches, "inductor")

@@ -286,7 +286,15 @@ def run_in_own_session(
         timed_out = False
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        try:
+            stdout, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a grandchild in a session of its own still holds the pipes
+            proc.kill()
+            stdout, stderr = (
+                "",
+                f"(output lost: a process it started outlived it and kept its pipes open; pid {proc.pid})",
+            )
+            proc.wait()
         timed_out = True
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
