@@ -115,3 +115,61 @@ def test_fingerprints_are_stable_across_processes(seeds):
         outputs.append(result.stdout.strip().splitlines()[-1])
     assert outputs[0] == outputs[1]
     assert sorted(block_fingerprints()) == eval(outputs[0])
+
+
+def _user_triton_call(kernel_idx: int, constant_args_idx: int) -> torch.fx.GraphModule:
+    """An ATen graph that calls a user Triton kernel, as Dynamo records it: by indices."""
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(64)
+    call = graph.call_function(
+        triton_kernel_wrapper_functional,
+        kwargs={
+            "kernel_idx": kernel_idx,
+            "constant_args_idx": constant_args_idx,
+            "grid": [(4, 1, 1)],
+            "tma_descriptor_metadata": {},
+            "kwargs": {"x_ptr": x},
+            "tensors_to_clone": ["x_ptr"],
+        },
+    )
+    graph.output(call)
+    return torch.fx.GraphModule(nn.Module(), graph)
+
+
+def test_a_user_triton_kernel_is_fingerprinted_by_its_code_and_constants_not_its_index(monkeypatch):
+    """Dynamo names a user Triton kernel and its constants by indices into a table of the process:
+    the same index holds another kernel in another process (an edited kernel keeps its index), so
+    an index in the engine-cache fingerprint would load a stale engine. Stood-in kernels here:
+    ``cache_key`` as ``triton.jit`` functions have it, ``configs``/``fn`` as ``triton.autotune``."""
+    import types
+
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    from trt_subgraph.fingerprint import UnhashableArgument, fingerprint
+
+    def process(kernel, block=128):  # this process's table: the kernel at index 0
+        monkeypatch.setattr(kernel_side_table, "id_to_kernel", {0: kernel})
+        monkeypatch.setattr(kernel_side_table, "constant_args", {0: {"BLOCK": block, "n": 64}})
+        return fingerprint(_user_triton_call(0, 0), ["activation"])
+
+    def jit(code):
+        return types.SimpleNamespace(cache_key=code)
+
+    def autotuned(code, warps):
+        config = types.SimpleNamespace(all_kwargs=lambda: {"BLOCK": 64, "num_warps": warps})
+        return types.SimpleNamespace(configs=[config], fn=jit(code))
+
+    original = process(jit("add_one v1"))
+    assert process(jit("add_one v1")) == original  # another process, another object: the same code
+    assert process(jit("add_one v2")) != original  # the kernel was edited: same index, other code
+    assert process(jit("add_one v1"), block=256) != original
+    assert process(autotuned("add_one v1", 4)) == process(autotuned("add_one v1", 4)) != original
+    assert process(autotuned("add_one v1", 4)) != process(autotuned("add_one v1", 8))
+    heuristics = types.SimpleNamespace(fn=jit("add_one v1"), values={"BLOCK": lambda args: 64})
+    with pytest.raises(UnhashableArgument, match="user Triton kernel"):
+        process(heuristics)  # no hash covers the Python functions it calls: the piece runs in PyTorch
+    text = describe(_user_triton_call(0, 0), ["activation"], opaque=lambda k: f"<opaque {id(k):x}>")
+    assert f"<opaque {id(heuristics):x}>" in text  # within one process, the object itself

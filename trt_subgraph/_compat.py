@@ -569,6 +569,32 @@ _TORCH_OP_NAMESPACES = frozenset({"aten", "prims", "rngprims", "quantized", "_qu
 _TRITON_KERNEL_CALLS = frozenset({"triton_kernel_wrapper_mutation", "triton_kernel_wrapper_functional"})
 
 
+def is_user_triton_kernel_call(target: Any) -> bool:
+    """Whether a node's target calls a user-defined Triton kernel (``triton_kernel_wrapper_*``)."""
+    return isinstance(target, HigherOrderOperator) and target.name() in _TRITON_KERNEL_CALLS
+
+
+def user_triton_kernel(kernel_idx: int, constant_args_idx: int) -> tuple[Any, str | None, dict[str, Any]]:
+    """The user Triton kernel a ``triton_kernel_wrapper_*`` call names by indices into a table of
+    this process: (the kernel object, what its code is or None, its constant arguments).
+
+    What its code is: Triton's own hash of a ``triton.jit`` function (``JITFunction.cache_key``,
+    over its source and the functions and globals it uses), with the configs of a
+    ``triton.autotune`` around it as inductor's FX-graph cache key renders them
+    (``FxGraphHashDetails.user_defined_triton_source``). None for other wrappers (heuristics):
+    no hash of theirs covers the Python functions they call."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernel = kernel_side_table.get_kernel(kernel_idx)
+    constants = dict(kernel_side_table.get_constant_args(constant_args_idx))
+    jit, configs = kernel, ""
+    if hasattr(jit, "configs") and hasattr(jit, "fn"):  # triton.runtime.autotuner.Autotuner
+        configs = str(sorted(sorted(str(kv) for kv in c.all_kwargs().items()) for c in jit.configs))
+        jit = jit.fn
+    code = getattr(jit, "cache_key", None)
+    return kernel, (f"{code} {configs}" if isinstance(code, str) else None), constants
+
+
 def lowering_not_pinned(node: torch.fx.Node) -> str | None:
     """Why the text of the Dynamo graph that holds `node` does not determine its lowering, or
     None. AOTAutograd's own cache check (``check_node_safe``, in every torch this package
@@ -597,7 +623,7 @@ def lowering_not_pinned(node: torch.fx.Node) -> str | None:
             return f"it calls {name}, which Dynamo put in the graph untraced: the graph does not hold its code"
     if node.op != "call_function":
         return None
-    if isinstance(target, HigherOrderOperator) and target.name() in _TRITON_KERNEL_CALLS:
+    if is_user_triton_kernel_call(target):
         return "it calls a user-defined Triton kernel, which the graph names by an index, not by its source"
     if isinstance(target, (OpOverload, OpOverloadPacket)) and str(target).split(".")[0] not in _TORCH_OP_NAMESPACES:
         overloads = [target] if isinstance(target, OpOverload) else [getattr(target, n) for n in target.overloads()]

@@ -23,7 +23,14 @@ import torch
 import torch.fx
 import xxhash
 
-from ._compat import HigherOrderOperator, OpOverload, OpOverloadPacket, symbol_range
+from ._compat import (
+    HigherOrderOperator,
+    OpOverload,
+    OpOverloadPacket,
+    is_user_triton_kernel_call,
+    symbol_range,
+    user_triton_kernel,
+)
 from .engines.base import op_name
 
 
@@ -55,12 +62,29 @@ def describe(
             lines.append(f"out {_arg(node.args[0], position, symbols)}")
         else:
             kwargs = {k: node.kwargs[k] for k in sorted(node.kwargs)}
+            if is_user_triton_kernel_call(node.target):
+                kwargs = _user_triton_kernel_kwargs(kwargs, symbols)
             lines.append(
                 f"{node.op} {_target(node.target, symbols)} {_arg(node.args, position, symbols)} "
                 f"{_arg(kwargs, position, symbols)} -> {_value(node.meta.get(meta_key), symbols)}"
             )
     lines.append("symbols " + symbols.ranges())
     return "\n".join(lines)
+
+
+def _user_triton_kernel_kwargs(kwargs: dict[str, Any], symbols: _Symbols) -> dict[str, Any]:
+    """A user Triton kernel call's arguments with its kernel and constants in place of their
+    indices into a table of the process: the same index names different kernels in two
+    processes, and an edited kernel keeps its index."""
+    kernel, code, constants = user_triton_kernel(kwargs["kernel_idx"], kwargs["constant_args_idx"])
+    if code is None:
+        if symbols.opaque is None:
+            raise UnhashableArgument(
+                f"cannot fingerprint the user Triton kernel {kernel!r}: only a triton.jit function, "
+                "alone or under triton.autotune, has a hash of its code"
+            )
+        code = symbols.opaque(kernel)
+    return {**kwargs, "kernel_idx": f"triton {code}", "constant_args_idx": {k: constants[k] for k in sorted(constants)}}
 
 
 def callable_name(target: Any) -> str | None:
