@@ -76,6 +76,8 @@ def _rank(rank: int, world: int, store: str, out: str, case: str, options: dict)
 
             InductorEngine.build = fail
         x = torch.randn(4, width, generator=torch.Generator().manual_seed(7))  # the same on every rank
+        if case == "plan_or_cold":  # a wait for the agreement's time-out would set ranks._ALONE
+            ranks.AGREE_TIMEOUT = datetime.timedelta(seconds=20)
         if case == "alone":  # only rank 0 compiles: it waits for the others a while, then builds alone
             ranks.AGREE_TIMEOUT = datetime.timedelta(seconds=5)
             if rank > 0:
@@ -93,6 +95,7 @@ def _rank(rank: int, world: int, store: str, out: str, case: str, options: dict)
             expected_again = model(fresh)
         report = trt_subgraph.last_report()
         result = {
+            "alone": ranks._ALONE,
             "error": (got - expected).abs().max().item(),
             "error_again": (again - expected_again).abs().max().item(),
             "close": torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -172,6 +175,20 @@ def test_a_rank_whose_builds_fail_leaves_them_to_the_others(tmp_path):
             assert statuses == [("received", 1), ("built", 1)], statuses
 
 
+def test_a_rank_with_the_plan_cached_takes_part_so_the_others_do_not_wait(tmp_path):
+    """Rank 0 finds the graph's plan in its disk cache, rank 1's cache is empty: rank 0 builds
+    nothing and joins the agreement with no keys, so rank 1 builds at once and neither rank gives
+    up splitting (before, rank 1 waited the agreement's time-out, then built alone from then on)."""
+    import shutil
+
+    _run(tmp_path, 2, cache_dir="per rank")
+    shutil.rmtree(tmp_path / "cache1")
+    warm, cold = _run(tmp_path, 2, cache_dir="per rank", case="plan_or_cold")
+    assert warm["report"]["regions"]["plan"] == "cache hit" and warm["report"]["totals"]["builds"] == 0
+    assert cold["report"]["totals"]["builds"] == cold["report"]["totals"]["unique_subgraphs"] > 0
+    assert warm["alone"] is None and cold["alone"] is None
+
+
 def test_ranks_compiling_different_graphs_build_alone(tmp_path):
     results = _run(tmp_path, 2, case="differ")
     found = _statuses(results)
@@ -224,6 +241,9 @@ def test_agreement_splits_among_the_ranks_that_need_the_same_keys(monkeypatch):
     every = [[("a", 5)], [("c", 1)], []]  # nobody shares: everyone builds alone from now on
     monkeypatch.setattr(ranks, "_ALONE", None)
     assert ranks.owners({"a": 5}) is None and ranks._ALONE is not None
+    every = [[], [("c", 1)], []]  # one rank misses a subgraph, the others nothing: no verdict
+    monkeypatch.setattr(ranks, "_ALONE", None)
+    assert ranks.owners({}) is None and ranks._ALONE is None
 
 
 def test_rank_split_builds_option_is_checked():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import engines, memory_format, plan_cache
+from . import engines, memory_format, plan_cache, ranks
 from ._compat import (
     OpOverload,
     OpOverloadPacket,
@@ -64,6 +64,8 @@ def trt_subgraph_backend(
     weight_flags = [_is_weight(p, x) for p, x in zip(placeholders(gm), example_inputs)]
     key, note = _plan_key(gm, list(example_inputs), weight_flags, opts, engine, capture)
     if key is not None and (found := plan_cache.lookup(key, opts)) is not None:
+        if opts.rank_split_builds == "auto" and engine.persistable:
+            ranks.take_part_without_builds()  # the ranks that lower this graph expect every rank
         return found
     compiled = _lower(gm, list(example_inputs), weight_flags, opts, engine, reason, capture)
     if key is not None:

@@ -25,8 +25,8 @@ and builds alone from then on. A rank that compiles a graph no other rank does (
 evaluate(compiled)``) waits :data:`AGREE_TIMEOUT` for the others, then builds alone from then on;
 a failure of the groups (a rank died, :data:`EXCHANGE_TIMEOUT` passed) is logged and the ranks
 build alone from then on. A rank that finds the graph's plan in its plan cache
-(`trt_subgraph.plan_cache`) lowers nothing and takes no part in the agreement: where only some
-ranks find it (their disk caches differ), the others wait as for a graph one rank compiles.
+(`trt_subgraph.plan_cache`) builds nothing and takes part with no keys
+(:func:`take_part_without_builds`), so ranks whose disk caches differ do not wait for it.
 Option ``rank_split_builds="off"`` never splits.
 """
 
@@ -42,7 +42,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["balance", "exchange", "owners", "world"]
+__all__ = ["balance", "exchange", "owners", "take_part_without_builds", "world"]
 
 # How long a rank waits for the others to reach the same graph (they compile it at about the same
 # time; a rank that compiles a graph alone, as in ``if rank == 0: evaluate(compiled)``, builds
@@ -117,11 +117,19 @@ def owners(sizes: dict[str, int]) -> dict[str, int] | None:
         return None
     teams = collections.Counter(tuple(keys) for keys in every if keys)
     if not any(count > 1 for count in teams.values()):
-        if any(every):  # the same graph everywhere would have given one team
+        if sum(teams.values()) > 1:  # the same graph everywhere would have given one team
             _stop(logging.INFO, "no two ranks need the same subgraphs (different graphs, or per-device artifacts)")
-        return None
+        return None  # at most one rank misses anything: nothing to split
     team = [r for r, keys in enumerate(every) if keys == mine]
     return {key: team[index] for key, index in balance(sizes, len(team)).items()}
+
+
+def take_part_without_builds() -> None:
+    """Agree and exchange for a graph that this rank compiles without building (its plan was in
+    the plan cache), as the ranks that build it expect of every rank: with no keys and no
+    artifacts. No effect where :func:`world` is None."""
+    if owners({}) is not None:
+        exchange({})
 
 
 def exchange(payloads: dict[str, bytes | None]) -> dict[str, bytes | None]:
