@@ -364,3 +364,29 @@ def test_a_function_of_torch_in_the_graph_is_cached():
     x = [torch.randn(4, 8)]
     assert _warm(Model(), x) == "stored"
     assert _warm(Model(), x) == "cache hit"
+
+
+def test_a_function_of_another_package_in_the_graph_keys_the_plan_on_its_version(monkeypatch):
+    """AOTAutograd lets ``einops.rearrange`` and ``einops.repeat`` through where Dynamo keeps
+    them in the graph (einops before 0.8.2) and traces their code into the lowering: another
+    einops version must miss the plan. A stand-in einops module, not installed (its version
+    comes from the module, as where importlib.metadata finds none)."""
+    import types
+
+    package, module = types.ModuleType("einops"), types.ModuleType("einops.einops")
+    exec("def rearrange(x):\n    return x.t()\n", module.__dict__)
+    module.rearrange.__module__ = "einops.einops"
+    monkeypatch.setitem(sys.modules, "einops", package)
+    monkeypatch.setitem(sys.modules, "einops.einops", module)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["example_value"] = torch.empty(4, 8)
+    y = graph.call_function(module.rearrange, (x,))
+    y.meta["example_value"] = torch.empty(8, 4)
+    graph.output(y)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    digests = []
+    for version in ("0.7.0", "0.7.0", "0.8.1"):
+        package.__version__ = version
+        digests.append(plan_cache._graph_digest(gm, ["activation"]))
+    assert digests[0] == digests[1] != digests[2]

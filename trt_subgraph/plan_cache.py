@@ -13,7 +13,8 @@ The key (:func:`plan_key`) holds the graph's structure, code, ``nn_module_stack`
 attributes; each input's dtype, shape, stride, device, storage offset, aliasing, whether it
 requires grad and whether it is a weight, and each weight's 2:4 variant where the engine may
 run sparse kernels; the options that shape the plan; the engine and its settings; Python, torch
-and trt_subgraph versions; the GPU; grad mode, inference mode, autocast, the default dtype, TF32
+and trt_subgraph versions, and that of each package outside torch whose function the graph
+calls (einops); the GPU; grad mode, inference mode, autocast, the default dtype, TF32
 and matmul precision, deterministic algorithms, the thread count, aot_autograd's config and the
 functions marked in ``torch._inductor.config.unsafe_marked_cacheable_functions``.
 
@@ -33,9 +34,11 @@ lowered as usual and stored again.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
 import pickle
 import platform
+import sys
 from typing import Any
 
 import torch
@@ -178,6 +181,8 @@ def _graph_digest(gm: torch.fx.GraphModule, kinds: list[str]) -> str:
     for node in gm.graph.nodes:
         if (why := lowering_not_pinned(node)) is not None:
             raise NotCacheable(why)
+        if (package := _outside_package(node)) is not None:
+            text.append(f"package {package} {_package_version(package)}")
         stack = node.meta.get("nn_module_stack") or {}
         rendered = [f"{scopes.setdefault(key, len(scopes))}={_module_path(entry)}" for key, entry in stack.items()]
         custom = node.meta.get("custom")
@@ -185,6 +190,24 @@ def _graph_digest(gm: torch.fx.GraphModule, kinds: list[str]) -> str:
         if node.op == "get_attr":
             text.append(f"{node.target} = {_attribute(gm, node.target)}")
     return xxhash.xxh3_128_hexdigest("\n".join(text).encode())
+
+
+def _outside_package(node: torch.fx.Node) -> str | None:
+    """The top-level package of a function outside torch and the standard library that the node
+    calls (AOTAutograd lets some through, such as ``einops.rearrange``, and traces their code
+    into the lowering: the package's version then pins it), else None."""
+    module = getattr(node.target, "__module__", None) if node.op == "call_function" else None
+    package = (module or "").split(".")[0]
+    if not package or package in ("torch", "builtins") or package in sys.stdlib_module_names:
+        return None
+    return package
+
+
+def _package_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(sys.modules.get(package), "__version__", "unknown"))
 
 
 def _module_path(entry: Any) -> str:
