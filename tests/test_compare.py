@@ -48,6 +48,17 @@ def test_every_piece_matches_with_an_engine_that_computes_like_pytorch():
     assert result.first_over is None and result.output_max_abs == 0
 
 
+def test_a_plan_from_the_plan_cache_names_each_piece_by_its_module_path():
+    """The second compare finds the plan in the disk cache (no lowering); its pieces keep the
+    module paths the first lowering found."""
+    model, inputs = models.build("encoder", **ENCODER)
+    first = trt_subgraph.compare(model, inputs, {"engine": "eager"})
+    assert trt_subgraph.last_report().regions["plan"] == "stored"
+    second = trt_subgraph.compare(model, inputs, {"engine": "eager"})
+    assert trt_subgraph.last_report().regions["plan"] == "cache hit"
+    assert [p.module_path for p in second.pieces] == [p.module_path for p in first.pieces] == PATHS
+
+
 def test_a_broken_piece_is_named_with_its_module_path_and_the_others_are_within(monkeypatch):
     model, inputs = models.build("encoder", **ENCODER)
     _break_piece_of(monkeypatch, model.layers[1].qkv.weight)

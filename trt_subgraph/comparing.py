@@ -147,8 +147,7 @@ def compare(
     intermediate inputs; also the model's outputs with the model run eagerly.
 
     ``options``: the backend's options (any engine; ``cudagraphs`` is turned off, since a replayed
-    CUDA graph runs no Python to observe pieces, and replays the same kernels; so is
-    ``plan_cache``: the graph is lowered again, so that every piece knows its module path). ``rtol``/``atol``:
+    CUDA graph runs no Python to observe pieces, and replays the same kernels). ``rtol``/``atol``:
     the tolerance of every piece, against PyTorch in the model's dtype; by default per output
     dtype, :data:`DEFAULT_TOLERANCES`. Runs under ``torch.no_grad()``, with the model in the mode
     it is in (call ``model.eval()`` first for inference), and resets torch.compile's caches first
@@ -168,7 +167,7 @@ def compare(
             isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value)
         ):
             raise ValueError(f"trt_subgraph: {name} must be a finite number >= 0 or None, got {value!r}")
-    opts = {**(options or {}), "cudagraphs": False, "plan_cache": False}
+    opts = {**(options or {}), "cudagraphs": False}
     checked = Options.from_user(opts)  # an invalid option fails here, before anything compiles
     chosen, _ = engines.select(checked.engine, torch_executed_ops=checked.torch_executed_ops, sparsity=checked.sparsity)
     engine = chosen.name  # what the backend will pick

@@ -286,6 +286,9 @@ def _plan_state(plan: Plan, *, artifacts: bool = True) -> dict[str, Any]:
             {
                 "gm": graph_pickle(_skeleton(graph.recorder.gm), _val_only),
                 "pieces": dict(graph.runners),
+                "paths": {
+                    attr: getattr(getattr(graph.recorder.gm, attr, None), "module_path", "") for attr in graph.runners
+                },
                 "num_outputs": graph.recorder.num_outputs,
                 "disable_amp": graph.recorder.disable_amp,
             }
@@ -577,13 +580,14 @@ def _rebuild(
     graphs = []
     for saved in state["graphs"]:
         gm = graph_unpickle(saved["gm"], fake_mode)
+        paths = saved.get("paths", {})  # the module each piece computes (plans saved before 0.2 have none)
         for attr, name in saved["pieces"].items():
             group = groups[name]
             if group.bound is not None:
-                piece = PieceRunner(group.sub, group.bound, group.record)
+                piece = PieceRunner(group.sub, group.bound, group.record, module_path=paths.get(attr, ""))
             else:
                 first = _FirstBuild(group)
-                piece = first.piece = PieceRunner(group.sub, first, group.record)
+                piece = first.piece = PieceRunner(group.sub, first, group.record, module_path=paths.get(attr, ""))
             setattr(gm, attr, piece)
         pieces = {attr: groups[name] for attr, name in saved["pieces"].items()}
         graphs.append(_LoadedGraph(gm, saved["num_outputs"], saved["disable_amp"], pieces))
