@@ -115,6 +115,16 @@ def test_inductor_pieces_are_within_the_default_tolerance():
     assert result.first_over is None, str(result)
 
 
+def test_glue_building_in_the_background_is_compared_as_its_engine_runs_it():
+    """With build workers, glue builds in the background and PyTorch runs it meanwhile: compare
+    builds it before its one call, so that every piece it reports ran its engine."""
+    model, inputs = models.build("encoder", **ENCODER)
+    result = trt_subgraph.compare(model, inputs, {"engine": "inductor", "cache_dir": None, "build_workers": 2})
+    assert [p.module_path for p in result.pieces] == PATHS
+    assert all(p.engine == "inductor" for p in result.pieces)
+    assert all(s.status == "built" for s in trt_subgraph.last_report().subgraphs)  # none still "building"
+
+
 @pytest.mark.parametrize(
     "call, error",
     [
@@ -123,10 +133,12 @@ def test_inductor_pieces_are_within_the_default_tolerance():
         (lambda m, x: trt_subgraph.compare(m, x, atol="1e-3"), ValueError),
         (lambda m, x: trt_subgraph.compare(m, x, {"engine": "bogus"}), ValueError),
         (lambda m, x: trt_subgraph.compare(m, x, {"no_such_option": 1}), ValueError),
+        (lambda m, x: trt_subgraph.compare(m, x, "engine=eager"), ValueError),
+        (lambda m, x: trt_subgraph.compare(m, x, {"cudagraphs": "true"}), ValueError),
     ],
 )
 def test_bad_arguments_say_what_is_allowed(call, error):
-    with pytest.raises(error, match=r"nn\.Module|finite number|must be one of|unknown option"):
+    with pytest.raises(error, match=r"nn\.Module|finite number|must be one of|unknown option|must be a (dict|bool)"):
         call(torch.nn.Linear(4, 4), torch.randn(2, 4))
 
 
@@ -146,6 +158,13 @@ def test_cli_prints_the_table_or_json_and_exits_1_when_a_piece_is_over(tmp_path,
 
         def make():
             return BUILT
+
+        def raises():
+            raise RuntimeError("no weights here")
+
+        def wrong_inputs():
+            model, (ids,) = BUILT
+            return model, (ids.float(),)  # token ids as floats: the embedding refuses them
     """)
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -160,5 +179,9 @@ def test_cli_prints_the_table_or_json_and_exits_1_when_a_piece_is_over(tmp_path,
         assert status == 1 and data["first_over"] == 1 and data["pieces"][1]["module_path"] == "layers.0"
         assert _run_cli(["compare", "--model", "compare_models:make", "--options", "engine=nope"]) == 2
         assert "must be one of" in capsys.readouterr().err
+        assert _run_cli(["compare", "--model", "compare_models:raises"]) == 2  # bad input, not "over"
+        assert "compare_models:raises raised RuntimeError: no weights here" in capsys.readouterr().err
+        assert _run_cli(["compare", "--model", "compare_models:wrong_inputs", "--options", "engine=eager"]) == 3
+        assert "compiling or running the model failed" in capsys.readouterr().err
     finally:
         sys.modules.pop("compare_models", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,6 +258,38 @@ def test_without_a_process_group_nothing_is_split():
     assert not dist.is_initialized()
     assert ranks.world() is None
     assert ranks.owners({"a": 1}) is None
+
+
+def test_a_timed_out_distributed_case_stops_its_ranks_and_keeps_their_stacks(tmp_path, monkeypatch):
+    """torchrun starts its ranks in sessions of their own: at the case's time-out they still stop
+    (SIGTERM, which torchrun passes on), and the case's log holds every rank's thread stacks."""
+    import subprocess
+    import sys
+    import uuid
+
+    marker = f"TRT_SUBGRAPH_TEST_CASE={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    argv = ["--device", "cpu", "--tiny", "--nproc", "2", "--modes", "tp", "--backends", "trt_subgraph"]
+    done = subprocess.run(
+        [sys.executable, "-m", "trt_subgraph.bench.distributed", *argv, "--timeout", "12", "--out", str(tmp_path)],
+        env={**os.environ, name: value},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "distributed.json").read_text())["rows"]
+    assert row["error"].startswith("timed out after 12 s")
+    log = (tmp_path / "tp-trt_subgraph.log").read_text()
+    assert log.count("(most recent call first)") >= 4  # two threads or more on each rank
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                left.append(environ.parent.name)
+        except OSError:
+            pass
+    assert left == [], f"processes of the case still running: {left}"
 
 
 def test_distributed_bench_runs_tensor_parallel_decoder_on_cpu(tmp_path):

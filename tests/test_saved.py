@@ -120,6 +120,22 @@ def test_a_saved_function_loads_in_a_new_process_without_tracing_splitting_or_bu
     assert seen["regions"]["path"] == "regions" and seen["regions"]["loaded"] is True
 
 
+def test_save_waits_for_glue_building_in_the_background(tmp_path):
+    """With build workers, the glue builds in the background after the first call; a save right
+    after it waits for those builds, so that the file holds every engine and a load builds none."""
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    compiled = aot_compile(model, inputs, engine="inductor", build_workers=2, background_glue=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(model, *inputs), model(*inputs), **TIGHT)
+    report = trt_subgraph.last_report()
+    assert "building" in {s.status for s in report.subgraphs}  # the save below comes before the glue
+    path = trt_subgraph.save(compiled, tmp_path / "decoder.tsg")
+
+    seen = load_in_new_process(path, "trt_subgraph.load", tmp_path)
+    assert max(seen["errors"]) <= 1e-5, seen
+    assert seen["totals"]["builds"] == 0 and seen["statuses"] == ["loaded"] * report.totals["unique_subgraphs"], seen
+
+
 def test_torch_save_compiled_function_and_load_compiled_function_work_too(tmp_path):
     model, inputs = models.build("decoder", seed=0, **DECODER)
     compiled = aot_compile(model, inputs)

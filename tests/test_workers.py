@@ -333,3 +333,36 @@ def test_background_glue_swap_records_the_cuda_graphs_again(monkeypatch):
         assert report.totals["building"] == 0 and dropped  # one swap per finished build, or one for both
         for _ in range(3):  # uncaptured, recorded, replayed: with the glue's engines
             torch.testing.assert_close(compiled(*x), expected, **TIGHT)
+
+
+_ONE_CALL = r"""
+import json, sys, torch, trt_subgraph
+from trt_subgraph.bench import models
+
+model, inputs = models.build("encoder", depth=2, width=32, batch=2, seq=8)
+options = {"engine": "inductor", "cache_dir": sys.argv[1], "build_workers": 2, "background_glue": True}
+with torch.no_grad():
+    torch.compile(model, backend="trt_subgraph", options=options)(*inputs)
+report = trt_subgraph.last_report()
+print(json.dumps({"statuses": sorted(s.status for s in report.subgraphs), "plan": report.regions.get("plan")}))
+"""
+
+
+def test_a_process_that_ends_while_glue_builds_leaves_it_in_the_disk_cache(tmp_path):
+    """One call, then the end of the process, while the glue still builds in the background: the
+    end waits for those builds, so that the next process finds every engine in the disk cache."""
+    import json
+    import subprocess
+    import sys
+
+    def one_call():
+        done = subprocess.run(
+            [sys.executable, "-c", _ONE_CALL, str(tmp_path / "cache")], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold = one_call()
+    assert cold["statuses"].count("building") == 2, cold  # the process ended with its glue building
+    warm = one_call()
+    assert warm["plan"] == "cache hit" and set(warm["statuses"]) == {"disk_hit"}, warm

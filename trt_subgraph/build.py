@@ -8,12 +8,14 @@ in worker processes concurrently (`trt_subgraph.workers`).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,6 +86,10 @@ def device_key(sub: CanonicalSubgraph) -> dict[str, Any]:
 
 HITS = ("disk_hit", "remote_hit")  # the statuses of an artifact loaded from a persistent cache
 _SOURCES = {"disk_hit": "from the disk cache", "remote_hit": "from the remote cache", "received": "from another rank"}
+# The most seconds `trt_subgraph.save` and the end of the process wait for background builds.
+BACKGROUND_WAIT_S = 300.0
+# Builds with background builds under way (see `wait_for_background_builds`).
+_BACKGROUND: weakref.WeakSet[Builds] = weakref.WeakSet()
 
 
 class ArtifactStore:
@@ -358,6 +364,7 @@ class Builds:
             if not p.done:
                 p.record.status = "building"
                 self._later.append(p)
+                _BACKGROUND.add(self)
         if others is not None:
             self._exchange(firsts, others)
         self._resolve_followers(waiting)
@@ -618,3 +625,34 @@ def build_in_worker(task: dict[str, Any]) -> bytes:
     if payload is None:
         raise RuntimeError(f"the {engine.name} engine gave no bytes for its artifact")
     return payload
+
+
+def wait_for_background_builds(limit_s: float = BACKGROUND_WAIT_S) -> list[str]:
+    """Wait until every background build of this process (``background_glue``) has finished and
+    is stored in the caches, at most `limit_s` seconds in all; the fingerprints of those still
+    building. Their engines are swapped in at the next call of their forward, as always."""
+    deadline = time.monotonic() + limit_s
+    left = []
+    for builds in list(_BACKGROUND):
+        for p in list(builds._later):
+            if not p.fetched.wait(max(0.0, deadline - time.monotonic())):
+                left.append(p.sub.fingerprint)
+    return left
+
+
+@atexit.register  # after the workers' own exit handler was registered (workers is imported first): runs before it
+def _store_background_builds_at_exit() -> None:
+    """A process that ends while glue builds in the background would stop the workers and lose
+    those builds, so a short-lived process (a script, a batch job) never left them in the disk
+    cache and the next one built them again: wait for them first (:data:`BACKGROUND_WAIT_S`)."""
+    if not any(builds._later for builds in list(_BACKGROUND)):
+        return
+    log.info("trt_subgraph: waiting for background builds to finish, so that the caches keep them")
+    left = wait_for_background_builds()
+    if left:
+        log.warning(
+            "trt_subgraph: %d background build(s) did not finish within %.0f s of the end of the process; "
+            "the next process builds them again",
+            len(left),
+            BACKGROUND_WAIT_S,
+        )

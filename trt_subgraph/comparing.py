@@ -147,14 +147,15 @@ def compare(
     intermediate inputs; also the model's outputs with the model run eagerly.
 
     ``options``: the backend's options (any engine; ``cudagraphs`` is turned off, since a replayed
-    CUDA graph runs no Python to observe pieces, and replays the same kernels). ``rtol``/``atol``:
+    CUDA graph runs no Python to observe pieces, and replays the same kernels; so is
+    ``background_glue``, so that every piece runs its engine in the one call observed). ``rtol``/``atol``:
     the tolerance of every piece, against PyTorch in the model's dtype; by default per output
     dtype, :data:`DEFAULT_TOLERANCES`. Runs under ``torch.no_grad()``, with the model in the mode
     it is in (call ``model.eval()`` first for inference), and resets torch.compile's caches first
     (as :func:`trt_subgraph.capture` does).
 
     Raises TypeError for a ``model`` that is not an ``nn.Module``, ValueError for a negative or
-    non-numeric tolerance or an invalid option, RuntimeError for ``engine="tensorrt"`` where
+    non-numeric tolerance, ``options`` that are not a dict or an invalid option, RuntimeError for ``engine="tensorrt"`` where
     TensorRT is not usable.
     """
     from . import engines, runtime
@@ -167,8 +168,9 @@ def compare(
             isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value)
         ):
             raise ValueError(f"trt_subgraph: {name} must be a finite number >= 0 or None, got {value!r}")
-    opts = {**(options or {}), "cudagraphs": False}
-    checked = Options.from_user(opts)  # an invalid option fails here, before anything compiles
+    Options.from_user(options)  # an invalid option fails here, before anything compiles
+    opts = {**(options or {}), "cudagraphs": False, "background_glue": False}
+    checked = Options.from_user(opts)
     chosen, _ = engines.select(checked.engine, torch_executed_ops=checked.torch_executed_ops, sparsity=checked.sparsity)
     engine = chosen.name  # what the backend will pick
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)

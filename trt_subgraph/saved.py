@@ -54,7 +54,7 @@ from ._compat import (
     new_fake_mode,
     serializable_callable_base,
 )
-from .build import ArtifactStore, remember, remembered
+from .build import ArtifactStore, remember, remembered, wait_for_background_builds
 from .cache import make_key
 from .cache.entry import Damaged, Foreign, encode_head, read_entry, read_header
 from .cache.paths import default_key_file, load_or_create_secret, read_secret
@@ -679,7 +679,9 @@ def save(compiled: Any, path: str | os.PathLike, *, key_file: str | os.PathLike 
     *args), kwargs))`` returned (take the model as an argument of `f`: modules cannot be saved).
     The file holds torch's pickled function with the plan and the engine artifacts inside, in the
     disk cache's entry format, authenticated with `key_file` (default: the cache's key file,
-    ``TRT_SUBGRAPH_KEY_FILE``; created on first use). Written atomically; returns the path.
+    ``TRT_SUBGRAPH_KEY_FILE``; created on first use). Written atomically; returns the path. Glue
+    still building in the background (``background_glue``) is waited for first (at most
+    ``trt_subgraph.build.BACKGROUND_WAIT_S``), so that the file holds its engines.
 
     Raises TypeError when `compiled` is not such a function, RuntimeError when its graph cannot be
     saved (see :mod:`trt_subgraph.saved`).
@@ -691,6 +693,7 @@ def save(compiled: Any, path: str | os.PathLike, *, key_file: str | os.PathLike 
             f".aot_compile(...) returned, got {type(compiled).__name__}"
         )
     path = Path(path)
+    wait_for_background_builds()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         compiled.save_compiled_function(str(tmp))

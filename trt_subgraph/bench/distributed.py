@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = _choices("--backends", args.backends, BACKENDS)
     if "trt_subgraph-remote" in backends and not args.remote_cache:
         parser.error("backend trt_subgraph-remote needs --remote-cache URL (such as redis://host:6379)")
-    if args.nproc < 1 or args.iters < 1 or args.warmup < 0:
-        parser.error("--nproc and --iters must be >= 1, --warmup >= 0")
+    if args.nproc < 1 or args.iters < 1 or args.warmup < 0 or not args.timeout > 0:
+        parser.error("--nproc and --iters must be >= 1, --warmup >= 0, --timeout > 0")
     sizes = dict(TINY) if args.tiny else {}
     sizes.update({k: getattr(args, k) for k in TINY if getattr(args, k) is not None})
     base = {

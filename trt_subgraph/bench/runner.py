@@ -271,12 +271,25 @@ def _sizes(case: Case) -> dict[str, Any]:
     return {k: v for k, v in sizes.items() if v is not None}
 
 
+# Seconds between SIGTERM and SIGKILL when a case runs past its timeout.
+TERM_GRACE_S = 15.0
+
+
+def _signal_session(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # the session has ended
+        pass
+
+
 def run_in_own_session(
     cmd: list[str], *, timeout: float, env: dict[str, str] | None = None
 ) -> tuple[int | None, str, str, bool, float]:
-    """Run `cmd` to its end in a session of its own, so that a timeout (seconds) kills what it
+    """Run `cmd` to its end in a session of its own, so that a timeout (seconds) stops what it
     started too (compile workers, ranks): (return code, stdout, stderr, timed out, seconds).
-    `env`: the child's whole environment (None: this process's)."""
+    At the timeout the session gets SIGTERM, which launchers such as ``torchrun`` pass on to what
+    they started in sessions of their own (its ranks), and SIGKILL :data:`TERM_GRACE_S` seconds
+    later. `env`: the child's whole environment (None: this process's)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
@@ -285,19 +298,22 @@ def run_in_own_session(
         stdout, stderr = proc.communicate(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _signal_session(proc.pid, signal.SIGTERM)
         try:
-            stdout, stderr = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:  # a grandchild in a session of its own still holds the pipes
-            proc.kill()
-            stdout, stderr = (
-                "",
-                f"(output lost: a process it started outlived it and kept its pipes open; pid {proc.pid})",
-            )
-            proc.wait()
+            stdout, stderr = proc.communicate(timeout=TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_session(proc.pid, signal.SIGKILL)
+            try:
+                stdout, stderr = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:  # a grandchild in a session of its own still holds the pipes
+                proc.kill()
+                stdout = ""
+                stderr = f"(output lost: a process it started outlived it and kept its pipes open; pid {proc.pid})"
+                proc.wait()
+        _signal_session(proc.pid, signal.SIGKILL)  # what ignored SIGTERM in the session
         timed_out = True
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _signal_session(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
     return proc.returncode, stdout, stderr, timed_out, time.perf_counter() - start

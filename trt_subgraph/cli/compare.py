@@ -17,7 +17,8 @@ fingerprint, module path, max abs and relative error, and the first piece over t
 
 The factory is called without arguments and returns (model, example_inputs); its module is
 looked up on the import path and in the current directory. Exit status: 0 when every piece is
-within tolerance, 1 when one is not, 2 on bad input."""
+within tolerance, 1 when one is not, 2 on bad input (options, tolerances, a factory that is
+missing, raises or returns something else), 3 when compiling or running the model failed."""
 
 
 def add_cli(subparsers: Any) -> None:
@@ -54,9 +55,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = parse_kv(args.options)
         model, inputs = model_and_inputs(args.model)
-        result = compare(model, inputs, options, rtol=args.rtol, atol=args.atol)
     except (ValueError, TypeError, ImportError) as exc:
         print(f"trt-subgraph compare: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # the user's factory raised
+        print(f"trt-subgraph compare: error: {args.model} raised {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = compare(model, inputs, options, rtol=args.rtol, atol=args.atol)
+    except (ValueError, TypeError) as exc:  # options or tolerances (compare checks them before compiling)
+        print(f"trt-subgraph compare: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(
+            f"trt-subgraph compare: compiling or running the model failed: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        return 3
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0 if result.first_over is None else 1

@@ -23,7 +23,9 @@ def load_factory(spec: str) -> Callable[..., Any]:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--model {spec!r}: expected a built-in name or 'package.module:factory'")
+        raise ValueError(
+            f"--model {spec!r}: expected 'package.module:factory' (a callable returning (model, example_inputs))"
+        )
     _with_working_directory()
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
