@@ -152,6 +152,7 @@ def _run_cli(argv: list[str]) -> int:
 def test_cli_prints_the_table_or_json_and_exits_1_when_a_piece_is_over(tmp_path, monkeypatch, capsys):
     (tmp_path / "compare_models.py").write_text(
         textwrap.dedent("""
+        import torch
         from trt_subgraph.bench import models
 
         BUILT = models.build("encoder", depth=3, width=32, seq=8, batch=2)
@@ -165,6 +166,13 @@ def test_cli_prints_the_table_or_json_and_exits_1_when_a_piece_is_over(tmp_path,
         def wrong_inputs():
             model, (ids,) = BUILT
             return model, (ids.float(),)  # token ids as floats: the embedding refuses them
+
+        class Refuses(torch.nn.Module):
+            def forward(self, x):
+                raise ValueError("model says bad batch")
+
+        def refuses():
+            return Refuses(), (torch.randn(2, 4),)
     """)
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -183,5 +191,7 @@ def test_cli_prints_the_table_or_json_and_exits_1_when_a_piece_is_over(tmp_path,
         assert "compare_models:raises raised RuntimeError: no weights here" in capsys.readouterr().err
         assert _run_cli(["compare", "--model", "compare_models:wrong_inputs", "--options", "engine=eager"]) == 3
         assert "compiling or running the model failed" in capsys.readouterr().err
+        assert _run_cli(["compare", "--model", "compare_models:refuses", "--options", "engine=eager"]) == 3
+        assert "ValueError: model says bad batch" in capsys.readouterr().err  # the model's error, not bad input
     finally:
         sys.modules.pop("compare_models", None)

@@ -205,6 +205,18 @@ def test_background_glue_is_swapped_in_at_a_later_call_with_equal_outputs(monkey
         torch.testing.assert_close(compiled(*x), expected, **TIGHT)
 
 
+def test_closing_the_pool_fails_its_queued_and_running_jobs_at_once():
+    """``trt_subgraph.reset()`` closes the pool while background builds may be queued: every
+    Future completes (before, queued ones never did, and the end of the process waited for them)."""
+    pool = WorkerPool(1)
+    running = pool.submit(time.sleep, 60)
+    queued = pool.submit(operator.add, 2, 3)
+    pool.close()
+    for future in (queued, running):
+        with pytest.raises(WorkerError):
+            future.result(timeout=30)
+
+
 def test_the_pool_runs_jobs_reports_failures_and_replaces_a_dead_worker():
     pool = WorkerPool(1)
     try:
@@ -346,6 +358,22 @@ with torch.no_grad():
 report = trt_subgraph.last_report()
 print(json.dumps({"statuses": sorted(s.status for s in report.subgraphs), "plan": report.regions.get("plan")}))
 """
+
+
+def test_a_process_reset_while_glue_builds_ends_without_waiting(tmp_path):
+    """``trt_subgraph.reset()`` drops the compiled graphs and stops the workers: the end of the
+    process does not wait for their builds (it waited 300 s for builds that could never end)."""
+    import subprocess
+    import sys
+
+    script = _ONE_CALL + "trt_subgraph.reset()\nprint('reset', flush=True)\n"
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "cache")], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0 and "reset" in done.stdout, done.stderr[-2000:]
+    assert time.monotonic() - start < 120, "the end of the process waited for dropped builds"
+    assert "did not finish" not in done.stderr
 
 
 def test_a_process_that_ends_while_glue_builds_leaves_it_in_the_disk_cache(tmp_path):

@@ -627,6 +627,13 @@ def build_in_worker(task: dict[str, Any]) -> bytes:
     return payload
 
 
+@on_reset
+def _forget_background_builds() -> None:
+    """``trt_subgraph.reset()`` drops the compiled graphs (and stops the workers, which fails
+    their builds): nothing of theirs is waited for any more."""
+    _BACKGROUND.clear()
+
+
 def wait_for_background_builds(limit_s: float = BACKGROUND_WAIT_S) -> list[str]:
     """Wait until every background build of this process (``background_glue``) has finished and
     is stored in the caches, at most `limit_s` seconds in all; the fingerprints of those still
@@ -647,7 +654,11 @@ def _store_background_builds_at_exit() -> None:
     cache and the next one built them again: wait for them first (:data:`BACKGROUND_WAIT_S`)."""
     if not any(builds._later for builds in list(_BACKGROUND)):
         return
-    log.info("trt_subgraph: waiting for background builds to finish, so that the caches keep them")
+    if wait_for_background_builds(2.0):  # said only where the end of the process visibly waits
+        log.warning(
+            "trt_subgraph: waiting for background builds (at most %.0f s), so that the caches keep them",
+            BACKGROUND_WAIT_S,
+        )
     left = wait_for_background_builds()
     if left:
         log.warning(

@@ -134,6 +134,21 @@ class Comparison:
         return "\n".join(lines)
 
 
+def check_arguments(options: dict[str, Any] | None, rtol: float | None, atol: float | None) -> None:
+    """Check :func:`compare`'s options and tolerances: ValueError saying what is allowed,
+    RuntimeError for ``engine="tensorrt"`` where TensorRT is not usable."""
+    from . import engines
+    from .options import Options
+
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value)
+        ):
+            raise ValueError(f"trt_subgraph: {name} must be a finite number >= 0 or None, got {value!r}")
+    checked = Options.from_user(options)
+    engines.select(checked.engine, torch_executed_ops=checked.torch_executed_ops, sparsity=checked.sparsity)
+
+
 def compare(
     model: torch.nn.Module,
     inputs: Any,
@@ -155,20 +170,15 @@ def compare(
     (as :func:`trt_subgraph.capture` does).
 
     Raises TypeError for a ``model`` that is not an ``nn.Module``, ValueError for a negative or
-    non-numeric tolerance, ``options`` that are not a dict or an invalid option, RuntimeError for ``engine="tensorrt"`` where
-    TensorRT is not usable.
+    non-numeric tolerance, ``options`` that are not a dict or an invalid option, RuntimeError for
+    ``engine="tensorrt"`` where TensorRT is not usable (:func:`check_arguments`).
     """
     from . import engines, runtime
     from .options import Options
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"trt_subgraph: compare needs a torch.nn.Module, got {type(model).__name__}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value)
-        ):
-            raise ValueError(f"trt_subgraph: {name} must be a finite number >= 0 or None, got {value!r}")
-    Options.from_user(options)  # an invalid option fails here, before anything compiles
+    check_arguments(options, rtol, atol)  # before anything compiles
     opts = {**(options or {}), "cudagraphs": False, "background_glue": False}
     checked = Options.from_user(opts)
     chosen, _ = engines.select(checked.engine, torch_executed_ops=checked.torch_executed_ops, sparsity=checked.sparsity)

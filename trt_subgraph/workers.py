@@ -256,11 +256,21 @@ class WorkerPool:
         self._jobs.put((priority, next(self._order), item))
 
     def close(self) -> None:
-        """Stop every worker now; jobs not done yet fail with WorkerError."""
+        """Stop every worker now; jobs not done yet fail with WorkerError, queued ones at once
+        (the workers' threads stop before they would take them)."""
         with self._lock:
             self._closed = True
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
+        while True:
+            try:
+                item = self._jobs.get_nowait()[2]
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                future, _ = item
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(WorkerError("the worker pool was closed"))
         for _ in self.workers:
             self._put(-math.inf, None)
         for worker in self.workers:

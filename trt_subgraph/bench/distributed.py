@@ -43,6 +43,7 @@ import faulthandler
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = _choices("--backends", args.backends, BACKENDS)
     if "trt_subgraph-remote" in backends and not args.remote_cache:
         parser.error("backend trt_subgraph-remote needs --remote-cache URL (such as redis://host:6379)")
-    if args.nproc < 1 or args.iters < 1 or args.warmup < 0 or not args.timeout > 0:
-        parser.error("--nproc and --iters must be >= 1, --warmup >= 0, --timeout > 0")
+    if args.nproc < 1 or args.iters < 1 or args.warmup < 0 or not 0 < args.timeout < float("inf"):
+        parser.error("--nproc and --iters must be >= 1, --warmup >= 0, --timeout a number of seconds > 0")
     sizes = dict(TINY) if args.tiny else {}
     sizes.update({k: getattr(args, k) for k in TINY if getattr(args, k) is not None})
     base = {
@@ -137,8 +138,8 @@ def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
 def run_case(spec: dict[str, Any], nproc: int, timeout: float, log_dir: Path) -> dict[str, Any]:
     """One case in a fresh ``torchrun`` launch of `nproc` ranks with empty caches; its row
     (with ``error`` set where it failed or timed out). A failed case's whole output goes to
-    ``<mode>-<backend>.log`` in `log_dir`; a rank still running 15 s before `timeout` (seconds)
-    writes every thread's stack there first."""
+    ``<mode>-<backend>.log`` in `log_dir`; a rank stopped at the `timeout` (seconds) writes every
+    thread's stack there as it stops (SIGTERM, see `trt_subgraph.bench.runner.run_in_own_session`)."""
     row: dict[str, Any] = {"mode": spec["mode"], "backend": spec["backend"], "ranks": nproc}
     tmp = tempfile.mkdtemp(prefix="trt_subgraph_dist_")
     cmd = [
@@ -150,7 +151,7 @@ def run_case(spec: dict[str, Any], nproc: int, timeout: float, log_dir: Path) ->
         "-m",
         "trt_subgraph.bench.distributed",
         "--worker",
-        json.dumps({**spec, "caches": tmp, "stacks_after_s": max(timeout - 15.0, 1.0)}),
+        json.dumps({**spec, "caches": tmp}),
     ]
     try:
         returncode, stdout, stderr, timed_out, seconds = run_in_own_session(cmd, timeout=timeout)
@@ -193,7 +194,7 @@ def _meta(base: dict[str, Any], nproc: int) -> dict[str, Any]:
 
 
 def _worker(spec: dict[str, Any]) -> int:
-    faulthandler.dump_traceback_later(spec["stacks_after_s"])  # a hung rank shows where it waits
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)  # a stopped rank shows where it was
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     caches = os.path.join(spec["caches"], f"rank{rank}")  # nothing shared between ranks but by the backend
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(caches, "inductor")

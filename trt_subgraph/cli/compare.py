@@ -48,12 +48,17 @@ def add_cli(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..comparing import compare
+    from ..comparing import check_arguments, compare
     from .bench import parse_kv
     from .export import model_and_inputs
 
     try:
         options = parse_kv(args.options)
+        check_arguments(options, args.rtol, args.atol)
+    except (ValueError, RuntimeError) as exc:
+        print(f"trt-subgraph compare: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         model, inputs = model_and_inputs(args.model)
     except (ValueError, TypeError, ImportError) as exc:
         print(f"trt-subgraph compare: error: {exc}", file=sys.stderr)
@@ -63,10 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = compare(model, inputs, options, rtol=args.rtol, atol=args.atol)
-    except (ValueError, TypeError) as exc:  # options or tolerances (compare checks them before compiling)
-        print(f"trt-subgraph compare: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
+    except Exception as exc:  # the arguments were checked: the model failed
         print(
             f"trt-subgraph compare: compiling or running the model failed: {type(exc).__name__}: {exc}", file=sys.stderr
         )
