@@ -113,7 +113,9 @@ def _rank(rank: int, world: int, store: str, out: str, case: str, options: dict)
 
 def _run(tmp_path, world: int, case: str = "same", ranks_done: int | None = None, **options) -> list[dict]:
     options = {"engine": "inductor", "cache_dir": None, "build_workers": 0, **options}
-    mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path), case, options), nprocs=world)
+    store = tmp_path / f"store-{len(list(tmp_path.glob('store-*')))}"  # a new rendezvous file for each launch
+    store.touch()
+    mp.spawn(_rank, args=(world, str(store), str(tmp_path), case, options), nprocs=world)
     results = []
     for rank in range(world if ranks_done is None else ranks_done):
         with open(tmp_path / f"rank{rank}.json") as f:
