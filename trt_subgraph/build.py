@@ -652,7 +652,7 @@ def _store_background_builds_at_exit() -> None:
     """A process that ends while glue builds in the background would stop the workers and lose
     those builds, so a short-lived process (a script, a batch job) never left them in the disk
     cache and the next one built them again: wait for them first (:data:`BACKGROUND_WAIT_S`)."""
-    if not any(builds._later for builds in list(_BACKGROUND)):
+    if not any(builds.building for builds in list(_BACKGROUND)):
         return
     if wait_for_background_builds(2.0):  # said only where the end of the process visibly waits
         log.warning(

@@ -134,9 +134,10 @@ class Comparison:
         return "\n".join(lines)
 
 
-def check_arguments(options: dict[str, Any] | None, rtol: float | None, atol: float | None) -> None:
+def check_arguments(options: dict[str, Any] | None, rtol: float | None, atol: float | None) -> str:
     """Check :func:`compare`'s options and tolerances: ValueError saying what is allowed,
-    RuntimeError for ``engine="tensorrt"`` where TensorRT is not usable."""
+    RuntimeError for ``engine="tensorrt"`` where TensorRT is not usable. Returns the name of the
+    engine the backend will pick."""
     from . import engines
     from .options import Options
 
@@ -146,7 +147,8 @@ def check_arguments(options: dict[str, Any] | None, rtol: float | None, atol: fl
         ):
             raise ValueError(f"trt_subgraph: {name} must be a finite number >= 0 or None, got {value!r}")
     checked = Options.from_user(options)
-    engines.select(checked.engine, torch_executed_ops=checked.torch_executed_ops, sparsity=checked.sparsity)
+    chosen, _ = engines.select(checked.engine, torch_executed_ops=checked.torch_executed_ops, sparsity=checked.sparsity)
+    return chosen.name
 
 
 def compare(
@@ -173,16 +175,12 @@ def compare(
     non-numeric tolerance, ``options`` that are not a dict or an invalid option, RuntimeError for
     ``engine="tensorrt"`` where TensorRT is not usable (:func:`check_arguments`).
     """
-    from . import engines, runtime
-    from .options import Options
+    from . import runtime
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"trt_subgraph: compare needs a torch.nn.Module, got {type(model).__name__}")
-    check_arguments(options, rtol, atol)  # before anything compiles
+    engine = check_arguments(options, rtol, atol)  # before anything compiles
     opts = {**(options or {}), "cudagraphs": False, "background_glue": False}
-    checked = Options.from_user(opts)
-    chosen, _ = engines.select(checked.engine, torch_executed_ops=checked.torch_executed_ops, sparsity=checked.sparsity)
-    engine = chosen.name  # what the backend will pick
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
     pieces: list[PieceComparison] = []

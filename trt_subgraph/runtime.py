@@ -191,7 +191,8 @@ class CUDAGraphForward:
     exactly once, the recording call too (its output comes from the run before the capture): a
     forward with collectives (tensor parallel) stays in step with the other ranks, whichever
     call each of them records at. The capture is thread-local, as in CUDA graph trees, so that
-    other threads (background builds, NCCL's watchdog) may use CUDA meanwhile. At most `max_shapes` graphs are kept;
+    other threads (background builds, NCCL's watchdog) may use CUDA meanwhile. At most
+    `max_shapes` graphs are kept;
     recording one more drops the least recently replayed. All graphs share one memory pool: they
     replay one at a time on one stream and their outputs are copied out at each replay, so their
     temporaries can share memory. `padding`: pad the batch to listed sizes, so that nearby batch
