@@ -9,6 +9,8 @@ import os
 import pathlib
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -614,15 +616,12 @@ def test_artifact_loads_compile_in_process_unless_the_user_or_a_running_pool_say
         assert seen == [1, 8, 8] and inductor_config.compile_threads == 8
 
 
-def test_every_call_runs_the_forward_once_the_recording_call_too(monkeypatch):
-    """On a CPU, with torch.cuda's capture API stood in for (a graph replays what the forward
-    captured into it): each call does the forward's work exactly once, also the call that
-    records and those after a swap or a weight change. A forward with collectives depends on
-    it: ranks that record at different calls must still run the same collectives."""
+def _stand_in_cuda_graphs(monkeypatch) -> tuple[Any, list[str], Callable[[list], list]]:
+    """torch.cuda's capture API stood in for on a CPU: a graph replays what the forward captured
+    into it. Returns the capture state, the log of work done ("run" or "replay") and a forward
+    computing ``x * w + 1`` that logs its work."""
     import contextlib
     import types
-
-    from trt_subgraph.runtime import CUDAGraphForward
 
     state = types.SimpleNamespace(capturing=None, modes=[])
     work: list[str] = []
@@ -657,6 +656,16 @@ def test_every_call_runs_the_forward_once_the_recording_call_too(monkeypatch):
         work.append("run")
         return [x * w + 1]
 
+    return state, work, forward
+
+
+def test_every_call_runs_the_forward_once_the_recording_call_too(monkeypatch):
+    """Each call does the forward's work exactly once, also the call that records and those
+    after a swap or a weight change. A forward with collectives depends on it: ranks that
+    record at different calls must still run the same collectives."""
+    from trt_subgraph.runtime import CUDAGraphForward
+
+    state, work, forward = _stand_in_cuda_graphs(monkeypatch)
     weight = torch.randn(8)
     graphed = CUDAGraphForward(forward, static_positions=[1])
     for call in range(9):
@@ -670,6 +679,36 @@ def test_every_call_runs_the_forward_once_the_recording_call_too(monkeypatch):
         assert len(work) == call + 1, work
     assert graphed.records == 3 and state.modes == ["thread_local"] * 3
     assert work == ["run", "run", "replay", "replay", "run", "run", "run", "replay", "replay"]
+
+
+def test_reset_drops_every_recorded_cuda_graph(monkeypatch):
+    """``trt_subgraph.reset()`` (run by ``torch.compiler.reset()`` once the backend was used)
+    drops the graphs of every live compiled forward: NCCL's ``destroy_process_group()`` hangs while a graph holding its
+    collectives exists. The forwards keep working and record again; one that is no longer
+    referenced is not kept alive by the reset's registry."""
+    import gc
+    import weakref
+
+    from trt_subgraph import runtime
+
+    _, work, forward = _stand_in_cuda_graphs(monkeypatch)
+    weight = torch.randn(8)
+    forwards = [runtime.CUDAGraphForward(forward, static_positions=[1]) for _ in range(2)]
+    for graphed in forwards:
+        for _ in range(3):
+            graphed([torch.randn(8), weight])
+        assert len(graphed.graphs) == 1
+    trt_subgraph.reset()
+    assert all(not graphed.graphs and graphed.pool is None for graphed in forwards)
+    work.clear()
+    for _ in range(3):
+        x = torch.randn(8)
+        torch.testing.assert_close(forwards[0]([x, weight])[0], x * weight + 1)
+    assert work == ["run", "run", "replay"] and forwards[0].records == 2
+    gone = weakref.ref(forwards.pop())
+    del graphed
+    gc.collect()
+    assert gone() is None and len(runtime._LIVE) >= 1
 
 
 @pytest.mark.cuda

@@ -233,18 +233,23 @@ def test_balance_gives_largest_first_to_the_least_loaded_rank():
 
 
 def test_agreement_splits_among_the_ranks_that_need_the_same_keys(monkeypatch):
-    """Ranks 0 and 2 need {a, b}, rank 1 {c}: 0 and 2 split theirs, 1 owns its own; at the
-    exchange a key's bytes win over another owner's failure."""
-    every = [[("a", 5), ("b", 3)], [("c", 1)], [("a", 5), ("b", 3)]]
+    """Ranks 0 and 2 need {a, b}, rank 1 {c}, each building one at a time: 0 and 2 split
+    theirs, 1 owns its own; at the exchange a key's bytes win over another owner's failure.
+    Where every rank builds all its misses at once (its slots), nobody splits that graph."""
+    every = [([("a", 5), ("b", 3)], 1), ([("c", 1)], 1), ([("a", 5), ("b", 3)], 1)]
     monkeypatch.setattr(ranks, "world", lambda: (2, 3))
     monkeypatch.setattr(ranks, "_gather", lambda use, value, size: every if use == "agree" else payloads)
     assert ranks.owners({"a": 5, "b": 3}) == {"a": 0, "b": 2}
     payloads = [{"a": b"x"}, {"c": None}, {"b": b"y", "c": b"z"}]
     assert ranks.exchange({"b": b"y"}) == {"a": b"x", "b": b"y", "c": b"z"}
-    every = [[("a", 5)], [("c", 1)], []]  # nobody shares: everyone builds alone from now on
+    every = [([("a", 5), ("b", 3)], 2), ([("c", 1)], 1), ([("a", 5), ("b", 3)], 2)]
+    assert ranks.owners({"a": 5, "b": 3}, slots=2) is None and ranks._ALONE is None  # this graph only
+    every = [([("a", 5), ("b", 3)], 2), ([("c", 1)], 1), ([("a", 5), ("b", 3)], 1)]
+    assert ranks.owners({"a": 5, "b": 3}) == {"a": 0, "b": 2}  # rank 2 would queue a build
+    every = [([("a", 5)], 1), ([("c", 1)], 1), ([], 1)]  # nobody shares: everyone builds alone from now on
     monkeypatch.setattr(ranks, "_ALONE", None)
     assert ranks.owners({"a": 5}) is None and ranks._ALONE is not None
-    every = [[], [("c", 1)], []]  # one rank misses a subgraph, the others nothing: no verdict
+    every = [([], 1), ([("c", 1)], 1), ([], 1)]  # one rank misses a subgraph, the others nothing: no verdict
     monkeypatch.setattr(ranks, "_ALONE", None)
     assert ranks.owners({}) is None and ranks._ALONE is None
 

@@ -30,9 +30,11 @@ def reset() -> None:
     Forgets the artifacts built in this process (the disk cache stays), the report history
     (``last_report()`` is None afterwards), the sparse timings held in memory (the decisions
     file in the cache directory stays), which warnings were shown and which engine choices
-    were announced. Compiled functions that are still referenced keep working: what they use
-    (engines, compressed 2:4 weights, cuSPARSELt plans that a CUDA graph may hold) is never
-    freed here. Called by ``torch._dynamo.reset()`` (and ``torch.compiler.reset()``).
+    were announced, and the recorded CUDA graphs (each compiled function records again at its
+    next calls; call this before ``torch.distributed.destroy_process_group()``, which hangs while
+    a graph that captured NCCL collectives exists). Compiled functions that are still
+    referenced keep working: what they use (engines, compressed 2:4 weights, cuSPARSELt plans)
+    is never freed here. Called by ``torch._dynamo.reset()`` (and ``torch.compiler.reset()``).
     """
     _SEEN.clear()
     for forget in _FORGET:

@@ -37,7 +37,7 @@ from .engines.base import CanonicalSubgraph, Engine
 from .fingerprint import fingerprint
 from .options import Options
 from .report import SubgraphRecord
-from .workers import WorkerPool
+from .workers import WorkerPool, default_workers
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,9 @@ class Builds:
         self.store = ArtifactStore(engine, options)
         self.pool = pool if engine.builds_in_workers else None
         self.rank_split = options.rank_split_builds == "auto" and engine.persistable
+        # builds this process runs at once: its build workers plus itself
+        allowed = default_workers() if options.build_workers is None else options.build_workers
+        self.slots = 1 if self.pool is None else 1 + allowed
         self._waiting: list[Pending] = []
         self._first: dict[str, Pending] = {}
         self._later: list[Pending] = []  # building in the background
@@ -376,7 +379,7 @@ class Builds:
         if not self.rank_split or ranks.world() is None:
             return None
         shared = [p for p in firsts if not p.background]  # background builds stay with each rank
-        owner = ranks.owners({p.key: p.sub.num_ops for p in shared})
+        owner = ranks.owners({p.key: p.sub.num_ops for p in shared}, self.slots)
         if owner is None:
             return None
         rank = torch.distributed.get_rank()

@@ -13,11 +13,13 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from . import _state
 from ._compat import version_counters
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,17 @@ class BatchPadding:
         return out
 
 
+_LIVE: weakref.WeakSet[CUDAGraphForward] = weakref.WeakSet()  # for `release_cuda_graphs`
+
+
+@_state.on_reset
+def release_cuda_graphs() -> None:
+    """Drop the recorded CUDA graphs of every compiled function of this process (each records
+    again at its next calls). Run by ``trt_subgraph.reset()``."""
+    for forward in list(_LIVE):
+        forward.invalidate()
+
+
 @dataclasses.dataclass
 class _Recorded:
     graph: torch.cuda.CUDAGraph
@@ -198,6 +211,11 @@ class CUDAGraphForward:
     temporaries can share memory. `padding`: pad the batch to listed sizes, so that nearby batch
     sizes replay one graph (None: no padding).
 
+    ``trt_subgraph.reset()`` (and ``torch._dynamo.reset()``) drops every recorded graph of the
+    process; the next calls record again. NCCL cannot destroy a communicator while a CUDA graph
+    that captured its collectives exists: ``destroy_process_group()`` hangs
+    (https://github.com/pytorch/pytorch/issues/115388), so reset before it.
+
     Per call, the host reads the shapes of the inputs that are not static (the static ones, the
     weights, have the shapes Dynamo guards on) and each static input's data pointer and version
     counter: about 0.5 µs per weight per call, measured on a CPU with a stand-in graph.
@@ -222,6 +240,7 @@ class CUDAGraphForward:
         self.pool: Any = None
         self.failed: str | None = None
         self.records = 0
+        _LIVE.add(self)
 
     def invalidate(self) -> None:
         """Drop every recorded graph: what the forward runs has changed (a piece's engine

@@ -209,10 +209,11 @@ def _worker(spec: dict[str, Any]) -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         result = _measure(spec, rank, world, device, os.path.join(caches, "trt_subgraph"))
+        if rank == 0:
+            print(MARKER + json.dumps(result), flush=True)
     finally:
+        torch.compiler.reset()  # drops the CUDA graphs that captured NCCL kernels: destroy hangs on them
         dist.destroy_process_group()
-    if rank == 0:
-        print(MARKER + json.dumps(result), flush=True)
     return 0
 
 
