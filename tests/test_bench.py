@@ -455,6 +455,15 @@ def test_trt_options_are_parsed_with_types():
         "min_block_size": 3,
         "cache_dir": None,
     }
+    assert cli.parse_kv("cudagraph_sizes=[1, 2,4],engine=inductor,torch_executed_ops=[aten.gelu.default]") == {
+        "cudagraph_sizes": [1, 2, 4],
+        "engine": "inductor",
+        "torch_executed_ops": ["aten.gelu.default"],
+    }
+    assert cli.parse_kv("cudagraph_sizes=[]") == {"cudagraph_sizes": []}
+    for bad in ("cudagraph_sizes=[1,2", "cudagraph_sizes=1]"):
+        with pytest.raises(ValueError, match="unbalanced brackets"):
+            cli.parse_kv(bad)
 
 
 def test_add_cli_registers_the_bench_subcommand():

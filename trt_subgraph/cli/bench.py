@@ -35,6 +35,8 @@ def _csv(s: str) -> list[str]:
 
 
 def _value(s: str) -> Any:
+    if s.startswith("[") and s.endswith("]"):  # a list option: cudagraph_sizes=[1,2,4,8]
+        return [_value(x) for x in _csv(s[1:-1])]
     low = s.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -49,14 +51,33 @@ def _value(s: str) -> Any:
 
 
 def parse_kv(s: str) -> dict[str, Any]:
-    """'engine=inductor,cudagraphs=false' -> {'engine': 'inductor', 'cudagraphs': False}."""
+    """'engine=inductor,cudagraphs=false,cudagraph_sizes=[1,2,4]' -> {'engine': 'inductor',
+    'cudagraphs': False, 'cudagraph_sizes': [1, 2, 4]}: true/false/none, ints and floats are
+    converted, a value in brackets is a list of such values; commas inside brackets belong to the
+    list."""
     out: dict[str, Any] = {}
-    for item in _csv(s):
+    for item in _top_level_items(s):
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"expected key=value pairs separated by commas, got {item!r} in {s!r}")
         out[key.strip()] = _value(val.strip())
     return out
+
+
+def _top_level_items(s: str) -> list[str]:
+    """`s` split at the commas outside brackets, items stripped, empty ones dropped."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(s + ","):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        if depth < 0 or (i == len(s) and depth):
+            raise ValueError(f"unbalanced brackets in {s!r}")
+        if char == "," and depth == 0:
+            items.append(s[start:i].strip())
+            start = i + 1
+    return [item for item in items if item]
 
 
 def _depths(s: str) -> list[int]:
@@ -153,7 +174,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trt-options",
         default="",
         metavar="K=V,...",
-        help="options for the trt_subgraph backend, e.g. engine=inductor,sparsity=auto (default: none)",
+        help="options for the trt_subgraph backend, e.g. engine=inductor,sparsity=auto; a list in brackets: "
+        "cudagraph_sizes=[1,2,4,8] (default: none)",
     )
     p.add_argument(
         "--torch-tensorrt-options",

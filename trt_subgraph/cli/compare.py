@@ -39,7 +39,8 @@ def add_cli(subparsers: Any) -> None:
         "--options",
         default="",
         metavar="K=V,...",
-        help="options for the trt_subgraph backend, e.g. engine=inductor,min_block_size=2 (default: none)",
+        help="options for the trt_subgraph backend, e.g. engine=inductor,min_block_size=2; a list in brackets: "
+        "torch_executed_ops=[aten.gelu,aten.softmax] (default: none)",
     )
     parser.add_argument("--rtol", type=float, help="relative tolerance of every piece (default: by dtype)")
     parser.add_argument("--atol", type=float, help="absolute tolerance of every piece (default: by dtype)")
