@@ -310,6 +310,88 @@ def test_warm_cache_runs_trt_subgraph_twice_sharing_only_its_cache(monkeypatch, 
     assert "trt_subgraph (warm)" in output.markdown(data)
 
 
+def test_saved_runs_a_writer_then_a_reader_with_every_cache_empty(monkeypatch):
+    """--saved: per trt_subgraph case, a writer process saves the function into a folder and a
+    reader process with an empty trt_subgraph cache loads it; the reader's row is the saved row.
+    A writer that fails gives the row its error."""
+    seen = []
+
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None, env=None):
+        saved = case.spec.get("saved")
+        seen.append((case.backend, case.variant, saved and saved["role"], saved and saved["folder"], trt_cache_dir))
+        ok = not (saved and saved["role"] == "write" and case.depth == 4)
+        row = {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant}
+        return {**row, "status": "ok" if ok else "error", "error": None if ok else "boom", "wall_s": 0.0}
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    cfg = runner.Config(
+        models=["encoder"],
+        backends=["eager", "trt_subgraph"],
+        device="cpu",
+        dtype="float32",
+        depths=[2, 4],
+        warm_cache=True,
+        saved=True,
+    )
+    data = runner.run_sweep(cfg, stream=open(os.devnull, "w"))
+    assert [(b, v, r) for b, v, r, _, _ in seen] == [
+        ("eager", "cold", None),
+        ("trt_subgraph", "cold", None),
+        ("trt_subgraph", "warm", None),
+        ("trt_subgraph", "saved", "write"),
+        ("trt_subgraph", "saved", "load"),
+        ("eager", "cold", None),
+        ("trt_subgraph", "cold", None),
+        ("trt_subgraph", "warm", None),
+        ("trt_subgraph", "saved", "write"),  # fails: no reader
+    ]
+    writer, reader = seen[3], seen[4]
+    assert writer[3] == reader[3] and reader[4] not in (writer[4], seen[1][4])  # one folder, a fresh cache
+    assert not any(Path(d).exists() for _, _, _, f, c in seen for d in (f, c) if d)  # cleaned up
+    rows = {(r["depth"], r["variant"]): r for r in data["results"] if r["backend"] == "trt_subgraph"}
+    assert rows[(2, "saved")]["status"] == "ok"
+    assert rows[(4, "saved")]["error"] == "saving the function: boom"
+    assert "trt_subgraph (saved)" in output.markdown(data)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(backends=["inductor"]), "add trt_subgraph to --backends"),
+        (dict(batches=[1, 2]), "--saved takes one input size"),
+        (dict(dynamic=True), "--saved takes one input size"),
+    ],
+)
+def test_saved_needs_trt_subgraph_and_one_input_size(changes, message):
+    base = dict(models=["encoder"], backends=["trt_subgraph"], device="cpu", dtype="float32", saved=True)
+    with pytest.raises(ValueError, match=message):
+        runner.Config(**{**base, **changes})
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "load_compiled_function"), reason="torch without aot_compile (< 2.9)")
+def test_saved_function_writes_a_file_that_a_loader_runs(tmp_path, monkeypatch):
+    """The writer's first call compiles ahead of time, runs and saves; a loader over the same
+    folder runs the saved plan (nothing traced or split) and gives eager's outputs."""
+    import trt_subgraph
+    from trt_subgraph.bench.backends import saved_function
+
+    monkeypatch.setenv("TRT_SUBGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    model, (x,) = models.build("mlp", width=16, batch=2)
+    options = {"engine": "eager"}
+    with torch.no_grad():
+        write, _ = saved_function("write", str(tmp_path), model, options)
+        torch.testing.assert_close(write(x), model(x), rtol=1e-5, atol=1e-5)
+        assert (tmp_path / "function.pt2").is_file() and (tmp_path / "key").is_file()
+        torch.compiler.reset()
+        load, _ = saved_function("load", str(tmp_path), model, options)
+        y = torch.randn_like(x)
+        torch.testing.assert_close(load(y), model(y), rtol=1e-5, atol=1e-5)
+    report = trt_subgraph.last_report()
+    assert report.regions["loaded"] is True and "loaded from a saved plan" in report.engine_reason
+    with pytest.raises(ValueError, match="role must be 'write' or 'load'"):
+        saved_function("read", str(tmp_path), model, options)
+
+
 def test_runs_repeat_the_sweep_round_by_round_and_keep_the_median_first_call(monkeypatch, tmp_path):
     first_calls = iter([5.0, 9.0, 7.0, 6.0, 1.0, 8.0, 3.0, 2.0, 4.0])  # 3 rounds of 3 processes
     seen = []

@@ -794,6 +794,19 @@ def serializable_callable_base() -> type:
     return abc.ABC
 
 
+@contextlib.contextmanager
+def aot_compile_enabled() -> Any:
+    """Within it, ``torch.compile(...)`` results have ``aot_compile`` (torch 2.9 to 2.11 attach it
+    only with ``torch._dynamo.config.enable_aot_compile`` set; from 2.12 it is the default)."""
+    import torch._dynamo.config as dynamo_config
+
+    if not hasattr(dynamo_config, "enable_aot_compile"):
+        yield
+        return
+    with dynamo_config.patch(enable_aot_compile=True):
+        yield
+
+
 def aot_compiled_backend_result(compiled: Any) -> Any:
     """What the backend returned inside a function of ``torch.compile(...).aot_compile(...)`` or
     ``torch.compiler.load_compiled_function`` (None for anything else)."""

@@ -148,7 +148,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         import torch
 
-        from trt_subgraph.bench.backends import find_blocks, prepare
+        from trt_subgraph.bench.backends import find_blocks, prepare, saved_function
         from trt_subgraph.bench.models import DTYPES
         from trt_subgraph.report import collect
 
@@ -189,14 +189,19 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats()
 
             phase = "compile"
-            fn, info = prepare(
-                spec["backend"],
-                model,
-                dtype=dtype,
-                trt_options=spec.get("trt_options") or {},
-                tt_options=spec.get("tt_options") or {},
-                dynamic=bool(spec.get("dynamic")),
-            )
+            if spec.get("saved"):  # {"role": "write" or "load", "folder": ...}
+                fn, info = saved_function(
+                    spec["saved"]["role"], spec["saved"]["folder"], model, spec.get("trt_options") or {}
+                )
+            else:
+                fn, info = prepare(
+                    spec["backend"],
+                    model,
+                    dtype=dtype,
+                    trt_options=spec.get("trt_options") or {},
+                    tt_options=spec.get("tt_options") or {},
+                    dynamic=bool(spec.get("dynamic")),
+                )
             res.update(info)
             counted = 0  # reports of `recorded` that an earlier size compiled
 

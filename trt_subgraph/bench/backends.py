@@ -7,6 +7,7 @@ first-call time is compile + first run for all of them.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trt_subgraph._compat import raise_recompile_limit
+from trt_subgraph._compat import aot_compile_enabled, raise_recompile_limit
 
 BACKENDS: tuple[str, ...] = ("eager", "inductor", "reduce-overhead", "regional", "trt_subgraph", "torch_tensorrt")
 # `compile:<name>` runs torch.compile(model, backend=<name>): any registered dynamo backend.
@@ -99,3 +100,45 @@ def prepare(
         options = {"enabled_precisions": {dtype}, **tt_options}
         return torch.compile(model, backend="torch_tensorrt", options=options, dynamic=dyn), info
     return torch.compile(model, backend=backend[len(COMPILE_PREFIX) :], dynamic=dyn), info
+
+
+def _forward(model: nn.Module, *inputs: Any) -> Any:
+    """What a saved function runs: the model, passed as an argument (modules are not saved)."""
+    return model(*inputs)
+
+
+def saved_function(
+    role: str, folder: str, model: nn.Module, trt_options: dict[str, Any]
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """(callable, info) for trt_subgraph's saved function (README, *Save and load*), lazy like
+    :func:`prepare`: its first call compiles or loads.
+
+    `role` ``"write"``: the first call compiles ahead of time (``aot_compile``, torch >= 2.9), runs
+    and saves the function to `folder` (authenticated with a key file there); ``"load"``: the
+    first call loads that file (`trt_subgraph.load`) and runs it, with nothing traced or split.
+    Raises ValueError for another `role`; the first call raises what saving or loading raises
+    (RuntimeError on torch < 2.9, which cannot save functions)."""
+    import trt_subgraph
+
+    if role not in ("write", "load"):
+        raise ValueError(f"saved_function: role must be 'write' or 'load', got {role!r}")
+    path, key_file = os.path.join(folder, "function.pt2"), os.path.join(folder, "key")
+    loaded: list[Callable[..., Any]] = []
+
+    def call(*inputs: Any) -> Any:
+        if loaded:
+            return loaded[0](*inputs)
+        if role == "load":
+            loaded.append(trt_subgraph.load(path, model, key_file=key_file))
+            return loaded[0](*inputs)
+        if not hasattr(torch.compiler, "load_compiled_function"):
+            raise RuntimeError(f"saving a compiled function needs torch >= 2.9, this is {torch.__version__}")
+        with aot_compile_enabled():
+            compiled = torch.compile(_forward, fullgraph=True, backend="trt_subgraph", options=dict(trt_options))
+            function = compiled.aot_compile(((model, *inputs), {}))
+        out = function(model, *inputs)
+        trt_subgraph.save(function, path, key_file=key_file)
+        loaded.append(lambda *x: function(model, *x))
+        return out
+
+    return call, {}

@@ -30,7 +30,7 @@ def _num(x: float | None) -> str:
 
 
 def _series(row: dict[str, Any]) -> str:
-    return row["backend"] + (" (warm)" if row.get("variant") == "warm" else "")
+    return row["backend"] + {"warm": " (warm)", "saved": " (saved)"}.get(row.get("variant"), "")
 
 
 def _status(row: dict[str, Any], width: int) -> str:
@@ -228,7 +228,9 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         "",
         "Each case runs in a fresh process with empty inductor, triton and trt_subgraph caches. "
         "*first call* = compile + first run (synchronized); *(warm)* rows are a second process that "
-        "reuses only the trt_subgraph disk cache of the cold run. *2nd call*: the next call "
+        "reuses only the trt_subgraph disk cache of the cold run; *(saved)* rows are a process with "
+        "every cache empty that loads the function another process compiled ahead of time and saved "
+        "(trt_subgraph.save / load). *2nd call*: the next call "
         "(synchronized), where trt_subgraph and reduce-overhead record their CUDA graphs. *median* and "
         f"*p10-p90*: latency of steady-state calls after warmup ({timer}). *peak MB*: {mem}. *rel err*: "
         "‖y − ref‖ / ‖ref‖ in fp32 against an fp32 eager run of the same weights and inputs (worst of "

@@ -4,7 +4,10 @@ Each case gets empty TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and TRT_SUBGRAPH_
 directories so that its first call is a true cold compile. With `warm_cache`, every
 trt_subgraph case runs a second time in a new process that shares only the
 TRT_SUBGRAPH_CACHE_DIR of the first (inductor's and triton's caches still empty): that row is
-the "warm" variant, i.e. what a second process on the same machine pays.
+the "warm" variant, i.e. what a second process on the same machine pays. With `saved`, a process
+that is not timed compiles each trt_subgraph case ahead of time and saves it
+(``trt_subgraph.save``), and the "saved" row is a new process with every cache empty that loads
+the file (``trt_subgraph.load``): what a deployment that ships the file pays.
 
 First-call times of identical processes spread by tens of percent (imports, the CPU load of
 compile workers), so ``runs`` repeats the sweep round by round (drift then hits every backend
@@ -117,6 +120,7 @@ class Config:
     trt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     tt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     warm_cache: bool = False
+    saved: bool = False  # a "saved" row per trt_subgraph case: load a saved function, every cache empty
     runs: int = 1
     timeout: float = 900.0
     seed: int = 0
@@ -151,6 +155,10 @@ class Config:
         if self.bytecode not in BYTECODE_MODES:
             raise ValueError(f"unknown bytecode mode {self.bytecode!r}; allowed: {', '.join(BYTECODE_MODES)}")
         self._check_sizes()
+        if self.saved and "trt_subgraph" not in self.backends:
+            raise ValueError("--saved adds rows to the trt_subgraph backend's cases: add trt_subgraph to --backends")
+        if self.saved and (self.sweep() is not None or self.dynamic):
+            raise ValueError("--saved takes one input size: a saved function is compiled for its example inputs")
 
     def _check_sizes(self) -> None:
         """--batches / --seqs: one of them, each size a positive int listed once, not with the
@@ -189,13 +197,13 @@ class Case:
     model: str
     depth: int | None
     backend: str
-    variant: str  # "cold" or "warm"
+    variant: str  # "cold", "warm" or "saved"
     spec: dict[str, Any]
 
     def label(self) -> str:
         depth = "" if self.depth is None else f" depth={self.depth}"
-        warm = " (warm cache)" if self.variant == "warm" else ""
-        return f"{self.model}{depth} {self.backend}{warm}"
+        variant = {"warm": " (warm cache)", "saved": " (saved function)"}.get(self.variant, "")
+        return f"{self.model}{depth} {self.backend}{variant}"
 
 
 def _model_kwargs(cfg: Config, model: str, depth: int | None) -> dict[str, Any]:
@@ -252,6 +260,8 @@ def cases(cfg: Config) -> list[Case]:
                 out.append(Case(model, depth, backend, "cold", spec))
                 if cfg.warm_cache and backend == "trt_subgraph":
                     out.append(Case(model, depth, backend, "warm", spec))
+                if cfg.saved and backend == "trt_subgraph":
+                    out.append(Case(model, depth, backend, "saved", spec))
     return out
 
 
@@ -525,18 +535,43 @@ def _iter_runs(
     for i, (index, case) in enumerate(plan, start=1):
         _progress(stream, i, len(plan), case)
         key = (case.model, case.depth)
-        shared = cfg.warm_cache and case.backend == "trt_subgraph"
+        shared = cfg.warm_cache and case.backend == "trt_subgraph" and case.variant != "saved"
         if shared and case.variant == "cold":
             warm_dirs[key] = tempfile.mkdtemp(prefix="trt_subgraph_bench_cache_")
         trt_dir = warm_dirs[key] if shared else tempfile.mkdtemp(prefix="trt_subgraph_bench_cache_")
         log_file = cfg.out / "logs" / _case_log_name(case) if cfg.out else None
         try:
-            row = run_case(case, trt_cache_dir=trt_dir, timeout=cfg.timeout, log_file=log_file, env=env)
+            if case.variant == "saved":
+                row = _run_saved(case, trt_dir, cfg.timeout, log_file, env)
+            else:
+                row = run_case(case, trt_cache_dir=trt_dir, timeout=cfg.timeout, log_file=log_file, env=env)
         finally:
             if not shared or case.variant == "warm":
                 shutil.rmtree(trt_dir, ignore_errors=True)
         _progress_done(stream, row)
         yield index, row
+
+
+def _run_saved(
+    case: Case, trt_dir: str, timeout: float, log_file: Path | None, env: dict[str, str] | None
+) -> dict[str, Any]:
+    """The "saved" row of `case`: a process (not timed) compiles ahead of time and saves the
+    function into a fresh folder, then a new process with every cache empty loads it and is
+    timed; the writer's error where it failed."""
+    folder = tempfile.mkdtemp(prefix="trt_subgraph_bench_saved_")
+    try:
+        writer = dataclasses.replace(case, spec={**case.spec, "saved": {"role": "write", "folder": folder}})
+        row = run_case(writer, trt_cache_dir=trt_dir, timeout=timeout, log_file=log_file, env=env)
+        if row.get("status") != "ok":
+            return {**row, "error": f"saving the function: {row.get('error', '')}"}
+        reader = dataclasses.replace(case, spec={**case.spec, "saved": {"role": "load", "folder": folder}})
+        empty = tempfile.mkdtemp(prefix="trt_subgraph_bench_cache_")  # nothing but the file
+        try:
+            return run_case(reader, trt_cache_dir=empty, timeout=timeout, log_file=log_file, env=env)
+        finally:
+            shutil.rmtree(empty, ignore_errors=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -661,7 +696,7 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             models.get(r["model"], len(models)),
             (0, d, "") if isinstance(d, int) else (1, 0, str(d)),
             backends.get(r["backend"], len(backends)),
-            r.get("variant") == "warm",
+            ("cold", "warm", "saved").index(r.get("variant", "cold")),
             r.get("call_order", 0),
         )
 

@@ -189,6 +189,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also run each trt_subgraph case again in a new process sharing its disk cache",
     )
     p.add_argument(
+        "--saved",
+        action="store_true",
+        help="also run each trt_subgraph case as a saved function: a process compiles it ahead of "
+        "time and saves it (trt_subgraph.save), a new process with every cache empty loads it and is "
+        "timed (torch >= 2.9; one input size)",
+    )
+    p.add_argument(
         "--runs",
         type=int,
         default=1,
@@ -250,6 +257,7 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
         trt_options=parse_kv(args.trt_options),
         tt_options=parse_kv(args.torch_tensorrt_options),
         warm_cache=args.warm_cache,
+        saved=args.saved,
         runs=args.runs,
         timeout=args.timeout,
         seed=args.seed,
