@@ -326,6 +326,25 @@ def test_distributed_bench_rejects_heads_that_do_not_divide():
         distributed.tensor_parallel(model, 0, 3)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--backends", "trt_subgraph-remote"], "needs --remote-cache URL"),
+        (["--remote-cache", "http://host:6379"], "--remote-cache: remote cache URL 'http://host:6379': scheme"),
+        (["--remote-cache", "redis://"], "names no host"),
+        (["--modes", "pp"], "--modes: unknown ['pp']; allowed: tp, dp"),
+    ],
+)
+def test_distributed_bench_refuses_bad_arguments_before_launching(argv, message, capsys, tmp_path):
+    from trt_subgraph.bench import distributed
+
+    with pytest.raises(SystemExit) as stopped:
+        distributed.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), *argv])
+    assert stopped.value.code == 2 or message in str(stopped.value.code)
+    assert message in capsys.readouterr().err + str(stopped.value.code)
+    assert not any(tmp_path.iterdir())  # nothing launched, nothing written
+
+
 def test_inductor_artifacts_of_other_gpus_have_other_keys():
     """Inductor's generated code sets its CUDA device by index: ranks on cuda:0 and cuda:1 must
     not share an artifact (fake tensors: no GPU needed)."""

@@ -59,6 +59,7 @@ from torch import nn
 from trt_subgraph._compat import functional_all_reduce, raise_recompile_limit
 from trt_subgraph.bench.models import DTYPES, DecoderBlock, _rotate_half, build
 from trt_subgraph.bench.runner import run_in_own_session
+from trt_subgraph.cache.remote import check_url
 
 MODES = ("tp", "dp")
 BACKENDS = ("trt_subgraph", "trt_subgraph-alone", "trt_subgraph-remote", "inductor", "reduce-overhead", "eager")
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = _choices("--backends", args.backends, BACKENDS)
     if "trt_subgraph-remote" in backends and not args.remote_cache:
         parser.error("backend trt_subgraph-remote needs --remote-cache URL (such as redis://host:6379)")
+    if args.remote_cache:
+        try:
+            check_url(args.remote_cache)
+        except ValueError as exc:
+            parser.error(f"--remote-cache: {exc}")
     if args.nproc < 1 or args.iters < 1 or args.warmup < 0 or not 0 < args.timeout < float("inf"):
         parser.error("--nproc and --iters must be >= 1, --warmup >= 0, --timeout a number of seconds > 0")
     sizes = dict(TINY) if args.tiny else {}
