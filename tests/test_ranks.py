@@ -147,7 +147,8 @@ def _assert_built_once(results: list[dict]) -> None:
     for result in results:
         totals = result["report"]["totals"]
         assert totals["builds"] + totals["received"] == totals["unique_subgraphs"]
-    assert "_c10d_functional.all_reduce.default" in results[0]["report"]["fallback_ops"]
+    ran = results[0]["report"]["fallback_ops"]  # each all-reduce reduces its piece's output in place
+    assert "_c10d_functional.all_reduce_.default" in ran and "_c10d_functional.all_reduce.default" not in ran
 
 
 def test_two_ranks_build_each_unique_subgraph_once_and_match_eager(tmp_path):
@@ -223,6 +224,79 @@ def test_a_functional_all_gather_compiles_and_matches_eager(tmp_path):
     results = _run(tmp_path, 2, case="gather", engine="eager")
     ran = results[0]["report"]["fallback_ops"]
     assert any(op.startswith("_c10d_functional.all_gather_into_tensor") for op in ran), ran
+
+
+def _graph_with_all_reduces(sources: list[str]) -> tuple[torch.fx.GraphModule, list[torch.fx.Node]]:
+    """A graph over x (4 x 8) and w (8 x 8) that all-reduces each of `sources`: "mm" (a new
+    tensor), "shared" (a new tensor another op reads too), "input" (x itself), "view" (a
+    view of x), "strided" (a transposed new tensor)."""
+    aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    x.meta["val"], w.meta["val"] = torch.randn(4, 8), torch.randn(8, 8)
+    outputs, reduces = [], []
+    for source in sources:
+        if source in ("mm", "shared"):
+            node = graph.call_function(aten.mm.default, (x, w))
+            node.meta["val"] = torch.randn(4, 8)
+            if source == "shared":
+                outputs.append(graph.call_function(aten.relu.default, (node,)))
+        elif source == "input":
+            node = x
+        elif source == "view":
+            node = graph.call_function(aten.view.default, (x, [8, 4]))
+            node.meta["val"] = torch.randn(8, 4)
+        else:
+            node = graph.call_function(aten.t.default, (graph.call_function(aten.mm.default, (x, w)),))
+            node.meta["val"] = torch.randn(8, 4).t()
+        reduce = graph.call_function(c10d.all_reduce.default, (node, "sum", "0"))
+        reduces.append(reduce)
+        outputs.append(graph.call_function(c10d.wait_tensor.default, (reduce,)))
+    graph.output(tuple(outputs))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), reduces
+
+
+def test_all_reduce_runs_in_place_only_on_a_new_tensor_nothing_else_reads():
+    from trt_subgraph.collectives import reinplace_all_reduces
+
+    sources = ["mm", "shared", "input", "view", "strided"]
+    gm, reduces = _graph_with_all_reduces(sources)
+    assert reinplace_all_reduces(gm, {}) == 1
+    turned = {s: str(r.target) for s, r in zip(sources, reduces)}
+    assert turned == {
+        "mm": "_c10d_functional.all_reduce_.default",
+        **{s: "_c10d_functional.all_reduce.default" for s in sources[1:]},
+    }
+
+
+def test_fresh_outputs_of_a_piece_share_memory_with_nothing():
+    """A piece output may be reduced in place only where it is made inside the piece and no
+    other output reaches its memory (through a view, or ``_unsafe_view``, which shares memory
+    though its schema says it does not)."""
+    from trt_subgraph.collectives import fresh_outputs
+
+    aten = torch.ops.aten
+
+    def piece(*outputs: str) -> torch.fx.GraphModule:
+        graph = torch.fx.Graph()
+        x, w = graph.placeholder("x"), graph.placeholder("w")
+        mm = graph.call_function(aten.mm.default, (x, w))
+        made = {
+            "mm": mm,
+            "unsafe_view": graph.call_function(aten._unsafe_view.default, (mm, [2, 2, 8])),
+            "view": graph.call_function(aten.view.default, (mm, [2, 2, 8])),
+            "other": graph.call_function(aten.mm.default, (w, w)),
+            "input": x,
+            "input_view": graph.call_function(aten.view.default, (x, [32])),
+        }
+        graph.output(tuple(made[o] for o in outputs))
+        return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+    assert fresh_outputs(piece("mm", "other")) == {0, 1}
+    assert fresh_outputs(piece("unsafe_view", "other")) == {0, 1}  # mm itself is no output
+    assert fresh_outputs(piece("mm", "unsafe_view")) == frozenset()  # one memory, two outputs
+    assert fresh_outputs(piece("view", "mm", "other")) == {2}
+    assert fresh_outputs(piece("input", "input_view", "other")) == {2}
 
 
 def test_balance_gives_largest_first_to_the_least_loaded_rank():

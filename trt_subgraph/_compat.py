@@ -1046,6 +1046,32 @@ def writes_an_argument(target: Any) -> bool:
     return isinstance(target, OpOverload) and target._schema.is_mutable
 
 
+def returns_new_tensors(target: Any) -> bool:
+    """Whether a call target is an ATen op whose schema returns no alias of its arguments (not a
+    view, not an in-place or ``out=`` variant). ATen's schemas say so reliably; other namespaces'
+    may not (``_c10d_functional.wait_tensor`` returns its argument unannotated)."""
+    return (
+        isinstance(target, OpOverload)
+        and target.namespace == "aten"
+        and not target._schema.is_mutable
+        and all(r.alias_info is None for r in target._schema.returns)
+    )
+
+
+def is_view_op(target: Any) -> bool:
+    """Whether a call target is an ATen op that returns a view of its first argument."""
+    return isinstance(target, OpOverload) and target.namespace == "aten" and target.is_view
+
+
+def all_reduce_ops() -> tuple[Any, Any] | None:
+    """(``_c10d_functional.all_reduce``, its in-place ``all_reduce_``) where torch has both, else None."""
+    try:
+        namespace = torch.ops._c10d_functional
+        return namespace.all_reduce.default, namespace.all_reduce_.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def functional_all_reduce() -> Callable[..., torch.Tensor]:
     """``torch.distributed._functional_collectives.all_reduce(tensor, reduce_op, group)``: the
     all-reduce that Dynamo traces into ``_c10d_functional.all_reduce`` and ``wait_tensor`` ops

@@ -24,6 +24,7 @@ from ._compat import (
 )
 from .build import Builds, Pending
 from .canonicalize import canonicalize
+from .collectives import fresh_outputs, reinplace_all_reduces
 from .engines.base import ACTIVATION, SYMINT, WEIGHT, CanonicalSubgraph, Engine, op_name
 from .fingerprint import UnhashableArgument
 from .fx_utils import is_size_arithmetic, output_node, placeholders
@@ -171,9 +172,11 @@ class Compilation:
         records: dict[str, SubgraphRecord] = {}
         pending: dict[str, Pending] = {}
         pieces = find_pieces(gm, labels, self.engine.is_node_supported, self.options.min_block_size)
+        fresh: dict[str, frozenset[int]] = {}  # each piece's outputs that are new tensors
         for number, nodes in enumerate(pieces):
-            self._replace_piece(gm, number, nodes, records, pending, lowered)
+            self._replace_piece(gm, number, nodes, records, pending, lowered, fresh=fresh)
         self._lower_branches(gm, records, pending, lowered)
+        reinplace_all_reduces(gm, fresh)
         stable_topological_sort(gm)
         gm.recompile()
         report.subgraphs = list(records.values())
@@ -273,10 +276,15 @@ class Compilation:
             return getattr(gm, node.target)
         return self.placeholder_values[self.index_of[node]]
 
-    def _replace_piece(self, gm, number, nodes, records, pending, lowered: Lowered, owner: str = "") -> None:
-        """`owner`: the path of `gm` below the lowered graph (a cond branch), '' for the graph."""
+    def _replace_piece(
+        self, gm, number, nodes, records, pending, lowered: Lowered, owner: str = "", fresh: dict | None = None
+    ) -> None:
+        """`owner`: the path of `gm` below the lowered graph (a cond branch), '' for the graph.
+        `fresh`: where given, gets the piece's :func:`trt_subgraph.collectives.fresh_outputs`."""
         name = f"piece_{number}"
         sub_gm, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, always_return_tuple=True)
+        if fresh is not None:
+            fresh[name] = fresh_outputs(sub_gm)
         kinds = [self._input_kind(n) for n in inputs]
         try:
             sub = canonicalize(sub_gm, kinds)
