@@ -711,6 +711,35 @@ def test_reset_drops_every_recorded_cuda_graph(monkeypatch):
     assert gone() is None and len(runtime._LIVE) >= 1
 
 
+def test_reset_while_another_thread_compiles_does_not_raise():
+    """Compiled forwards are made in whichever thread compiles; a reset iterating over the live
+    ones while another thread adds one raised "Set changed size during iteration"."""
+    import threading
+
+    from trt_subgraph import runtime
+
+    stop = threading.Event()
+    made: list[Any] = [runtime.CUDAGraphForward(lambda args: args, static_positions=[]) for _ in range(300)]
+
+    def compile_forever() -> None:
+        while not stop.is_set():
+            made.append(runtime.CUDAGraphForward(lambda args: args, static_positions=[]))
+            if len(made) > 600:
+                del made[300:]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: the reset is interrupted mid-iteration
+    thread = threading.Thread(target=compile_forever)
+    thread.start()
+    try:
+        for _ in range(2000):
+            runtime.release_cuda_graphs()
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_is_recorded_at_the_second_call_and_replayed_after_it():

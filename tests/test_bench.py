@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -542,10 +543,25 @@ def test_trt_options_are_parsed_with_types():
         "engine": "inductor",
         "torch_executed_ops": ["aten.gelu.default"],
     }
-    assert cli.parse_kv("cudagraph_sizes=[]") == {"cudagraph_sizes": []}
-    for bad in ("cudagraph_sizes=[1,2", "cudagraph_sizes=1]"):
-        with pytest.raises(ValueError, match="unbalanced brackets"):
-            cli.parse_kv(bad)
+    assert cli.parse_kv("cudagraph_sizes=[ ]") == {"cudagraph_sizes": []}
+    assert cli.parse_kv("cache_dir=/tmp/run[1],a=]x[") == {"cache_dir": "/tmp/run[1]", "a": "]x["}  # not lists
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cudagraph_sizes=[1,2", "the list in 'cudagraph_sizes=[1,2' does not close: write key=[v1,v2]"),
+        ("k=[[1,2]]", "is not a list of values: write key=[v1,v2] (no nested lists)"),
+        ("k=[1,[2,3]]", "no nested lists"),
+        ("k=[1,,2]", "'[1,,2]' has an empty item"),
+        ("[a=1]", "'[a' is not a key: brackets belong to list values"),
+        ("engine=eager,engine=inductor", "'engine' is given twice"),
+        ("engine", "expected key=value pairs"),
+    ],
+)
+def test_bad_option_texts_are_refused_with_what_to_write(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cli.parse_kv(text)
 
 
 def test_add_cli_registers_the_bench_subcommand():

@@ -155,6 +155,22 @@ def test_export_finds_the_model_module_in_the_working_directory(tmp_path, monkey
     sys.modules.pop("my_local_models", None)
 
 
+@pytest.mark.parametrize("command", ["ls", "stats", "verify", "clear"])
+def test_cache_dir_that_is_a_file_is_refused(tmp_path, capsys, command):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a cache")
+    assert main(["cache", command, "--dir", str(a_file)]) == 2
+    assert f"--dir {a_file} is a file, not a cache directory" in capsys.readouterr().err
+    assert a_file.read_text() == "not a cache"
+
+
+def test_export_refuses_an_empty_output_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--onnx", "", "--model", "trt_subgraph.bench.models:build"]) == 2
+    assert "--onnx is empty" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written into the current directory
+
+
 @pytest.mark.parametrize("xdg", ["relative/xdg", "absolute"])
 def test_backend_and_cache_command_agree_on_the_default_cache_dir(tmp_path, monkeypatch, xdg):
     """One definition; a relative XDG_CACHE_HOME is invalid (XDG spec) and ignored by both."""

@@ -87,6 +87,9 @@ def test_options_take_a_redis_url_from_the_option_or_the_environment(monkeypatch
     monkeypatch.delenv("TRT_SUBGRAPH_REMOTE_CACHE")
     with pytest.raises(ValueError, match="names no host"):
         Options.from_user({"remote_cache": "redis:///0"})
+    for port in ("port", "70000"):  # redis-py would fail at the first call
+        with pytest.raises(ValueError, match="the port is not a number from 0 to 65535"):
+            Options.from_user({"remote_cache": f"redis://cache.internal:{port}/0"})
     with pytest.raises(ValueError, match="remote_cache_ttl"):
         Options.from_user({"remote_cache_ttl": 0})
     with pytest.raises(ValueError, match="remote_cache_entry_limit"):

@@ -348,3 +348,13 @@ def test_a_hugging_face_llama_round_trips_with_portable_guards(tmp_path):
         torch.testing.assert_close(run(ids), model(ids).last_hidden_state, **TIGHT)
     assert counters["stats"]["unique_graphs"] == 0
     assert trt_subgraph.last_report().regions["loaded"] is True
+
+
+def test_save_into_a_directory_is_refused(tmp_path):
+    model, inputs = models.build("mlp", width=16, batch=2)
+    compiled = aot_compile(model.eval(), inputs)
+    target = tmp_path / "deploy"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory; give the path of the file to write"):
+        trt_subgraph.save(compiled, target)
+    assert target.is_dir() and not any(target.iterdir())

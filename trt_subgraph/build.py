@@ -379,7 +379,9 @@ class Builds:
         if not self.rank_split or ranks.world() is None:
             return None
         shared = [p for p in firsts if not p.background]  # background builds stay with each rank
-        owner = ranks.owners({p.key: p.sub.num_ops for p in shared}, self.slots)
+        # subgraphs with symbolic sizes build in this process, one after another
+        slots = self.slots if all(self._in_worker_sub(p.sub) for p in shared) else 1
+        owner = ranks.owners({p.key: p.sub.num_ops for p in shared}, slots)
         if owner is None:
             return None
         rank = torch.distributed.get_rank()

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -176,13 +177,16 @@ class BatchPadding:
 
 
 _LIVE: weakref.WeakSet[CUDAGraphForward] = weakref.WeakSet()  # for `release_cuda_graphs`
+_LIVE_LOCK = threading.Lock()  # a WeakSet cannot be iterated while another thread adds to it
 
 
 @_state.on_reset
 def release_cuda_graphs() -> None:
     """Drop the recorded CUDA graphs of every compiled function of this process (each records
     again at its next calls). Run by ``trt_subgraph.reset()``."""
-    for forward in list(_LIVE):
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for forward in live:
         forward.invalidate()
 
 
@@ -240,7 +244,8 @@ class CUDAGraphForward:
         self.pool: Any = None
         self.failed: str | None = None
         self.records = 0
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def invalidate(self) -> None:
         """Drop every recorded graph: what the forward runs has changed (a piece's engine

@@ -684,7 +684,7 @@ def save(compiled: Any, path: str | os.PathLike, *, key_file: str | os.PathLike 
     ``trt_subgraph.build.BACKGROUND_WAIT_S``), so that the file holds its engines.
 
     Raises TypeError when `compiled` is not such a function, RuntimeError when its graph cannot be
-    saved (see :mod:`trt_subgraph.saved`).
+    saved (see :mod:`trt_subgraph.saved`), IsADirectoryError when `path` is a directory.
     """
     forward = aot_compiled_backend_result(compiled)
     if not isinstance(forward, CompiledForward):
@@ -693,6 +693,8 @@ def save(compiled: Any, path: str | os.PathLike, *, key_file: str | os.PathLike 
             f".aot_compile(...) returned, got {type(compiled).__name__}"
         )
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"trt_subgraph.save: {path} is a directory; give the path of the file to write")
     wait_for_background_builds()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(json.loads(args.worker))
     if args.out is None:
         parser.error("--out is required")
-    modes = _choices("--modes", args.modes, MODES)
-    backends = _choices("--backends", args.backends, BACKENDS)
+    modes = _choices(parser, "--modes", args.modes, MODES)
+    backends = _choices(parser, "--backends", args.backends, BACKENDS)
     if "trt_subgraph-remote" in backends and not args.remote_cache:
         parser.error("backend trt_subgraph-remote needs --remote-cache URL (such as redis://host:6379)")
     if args.remote_cache:
@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--nproc and --iters must be >= 1, --warmup >= 0, --timeout a number of seconds > 0")
     sizes = dict(TINY) if args.tiny else {}
     sizes.update({k: getattr(args, k) for k in TINY if getattr(args, k) is not None})
+    if "tp" in modes:  # the ranks would each fail on it: say so before launching them
+        try:
+            check_tensor_parallel(build("decoder", device="meta", **sizes)[0], args.nproc)
+        except ValueError as exc:
+            parser.error(f"{exc} (set --heads and --width so that they do)")
     base = {
         "device": args.device,
         "dtype": args.dtype or ("float16" if args.device == "cuda" else "float32"),
@@ -133,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(row.get("error") is None for row in rows) else 1
 
 
-def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+def _choices(parser: argparse.ArgumentParser, flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
     chosen = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in chosen if x not in allowed]
     if bad or not chosen:
-        raise SystemExit(f"{flag}: unknown {bad or text!r}; allowed: {', '.join(allowed)}")
+        parser.error(f"{flag}: unknown {bad or text!r}; allowed: {', '.join(allowed)}")
     return chosen
 
 
@@ -346,12 +351,18 @@ def _timed(fn: Any, ids: torch.Tensor, iters: int, device: torch.device) -> list
 def tensor_parallel(model: nn.Module, rank: int, world: int) -> nn.Module:
     """`model` (a `Decoder`) with every block replaced by this rank's :class:`ParallelDecoderBlock`.
     Raises ValueError where the heads or the MLP's hidden size do not divide by `world`."""
+    check_tensor_parallel(model, world)
     for index, block in enumerate(model.layers):
+        model.layers[index] = ParallelDecoderBlock(block, rank, world)
+    return model
+
+
+def check_tensor_parallel(model: nn.Module, world: int) -> None:
+    """ValueError where a block's heads or MLP hidden size of `model` (a `Decoder`) do not divide by `world`."""
+    for block in model.layers:
         hidden = block.gate_proj.out_features
         if block.heads % world or hidden % world:
             raise ValueError(f"tp: {block.heads} heads and MLP hidden size {hidden} must divide by {world} ranks")
-        model.layers[index] = ParallelDecoderBlock(block, rank, world)
-    return model
 
 
 def _shard(linear: nn.Linear, rank: int, world: int, dim: int) -> nn.Linear:

@@ -46,6 +46,7 @@ from trt_subgraph.bench import output
 from trt_subgraph.bench._case import MARKER
 from trt_subgraph.bench.backends import check_backend
 from trt_subgraph.bench.models import DEFAULTS, DTYPES, MODELS
+from trt_subgraph.options import Options
 
 # Small sizes so that a CPU-only user sees a result within about a minute.
 CPU_DEFAULTS: dict[str, Any] = {"width": 64, "batch": 2, "seq": 16, "image": 32, "depths": [2, 4]}
@@ -152,6 +153,8 @@ class Config:
             raise ValueError(f"depths must be positive, got {self.depths}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if self.trt_options:
+            Options.from_user(self.trt_options)  # a bad option fails here, not in every case process
         if self.bytecode not in BYTECODE_MODES:
             raise ValueError(f"unknown bytecode mode {self.bytecode!r}; allowed: {', '.join(BYTECODE_MODES)}")
         self._check_sizes()

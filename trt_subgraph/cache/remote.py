@@ -116,6 +116,12 @@ def check_url(url: object) -> str:
         )
     if parsed.scheme != "unix" and not parsed.hostname:
         raise ValueError(f"remote cache URL {url!r} names no host; write it as 'redis://host:6379/0'")
+    try:
+        parsed.port  # noqa: B018  (urllib checks the port when it is read)
+    except ValueError:
+        raise ValueError(
+            f"remote cache URL {url!r}: the port is not a number from 0 to 65535; write it as 'redis://host:6379/0'"
+        ) from None
     return url
 
 

@@ -35,8 +35,8 @@ def _csv(s: str) -> list[str]:
 
 
 def _value(s: str) -> Any:
-    if s.startswith("[") and s.endswith("]"):  # a list option: cudagraph_sizes=[1,2,4,8]
-        return [_value(x) for x in _csv(s[1:-1])]
+    if s.startswith("["):
+        return _list_value(s)
     low = s.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -50,34 +50,58 @@ def _value(s: str) -> Any:
     return s
 
 
+def _list_value(s: str) -> list[Any]:
+    """'[1, 2,4]' -> [1, 2, 4]: a flat list of values, '[]' empty."""
+    inner = s[1:-1]
+    if not s.endswith("]") or "[" in inner or "]" in inner:
+        raise ValueError(f"{s!r} is not a list of values: write key=[v1,v2] (no nested lists)")
+    if not inner.strip():
+        return []
+    items = [item.strip() for item in inner.split(",")]
+    if not all(items):
+        raise ValueError(f"{s!r} has an empty item: write key=[v1,v2]")
+    return [_value(item) for item in items]
+
+
 def parse_kv(s: str) -> dict[str, Any]:
     """'engine=inductor,cudagraphs=false,cudagraph_sizes=[1,2,4]' -> {'engine': 'inductor',
     'cudagraphs': False, 'cudagraph_sizes': [1, 2, 4]}: true/false/none, ints and floats are
-    converted, a value in brackets is a list of such values; commas inside brackets belong to the
-    list."""
+    converted; a value that starts with '[' is a flat list of such values (its commas belong to
+    it). Raises ValueError for an item that is not key=value, a key given twice or holding a
+    bracket, and a list that does not close, nests or has an empty item."""
     out: dict[str, Any] = {}
-    for item in _top_level_items(s):
+    for item in _items(s):
         key, sep, val = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"expected key=value pairs separated by commas, got {item!r} in {s!r}")
-        out[key.strip()] = _value(val.strip())
+        if "[" in key or "]" in key:
+            raise ValueError(f"{key!r} is not a key: brackets belong to list values, written key=[v1,v2]")
+        if key in out:
+            raise ValueError(f"{key!r} is given twice in {s!r}")
+        out[key] = _value(val.strip())
     return out
 
 
-def _top_level_items(s: str) -> list[str]:
-    """`s` split at the commas outside brackets, items stripped, empty ones dropped."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(s + ","):
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if depth < 0 or (i == len(s) and depth):
-            raise ValueError(f"unbalanced brackets in {s!r}")
-        if char == "," and depth == 0:
-            items.append(s[start:i].strip())
-            start = i + 1
-    return [item for item in items if item]
+def _items(s: str) -> list[str]:
+    """`s` split at its commas, except those inside a list value (key=[v1,v2]); empty items dropped."""
+    items: list[str] = []
+    open_list: str | None = None
+    for part in s.split(","):
+        if open_list is not None:
+            open_list += "," + part
+            if part.strip().endswith("]"):
+                items.append(open_list.strip())
+                open_list = None
+            continue
+        value = part.partition("=")[2].strip()
+        if value.startswith("[") and not value.endswith("]"):
+            open_list = part
+        elif part.strip():
+            items.append(part.strip())
+    if open_list is not None:
+        raise ValueError(f"the list in {open_list.strip()!r} does not close: write key=[v1,v2]")
+    return items
 
 
 def _depths(s: str) -> list[int]:

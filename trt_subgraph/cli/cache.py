@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, directory: pathlib.Path) -> int:
     from ..cache import DEFAULT_SIZE_LIMIT, DiskCache, default_key_file
 
+    if directory.exists() and not directory.is_dir():
+        print(f"error: --dir {directory} is a file, not a cache directory", file=sys.stderr)
+        return 2
     if not directory.is_dir():  # do not create a cache just to look at it
         empty = {
             "ls": [],

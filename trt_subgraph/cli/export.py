@@ -32,7 +32,7 @@ def add_cli(subparsers: Any) -> None:
         help="write each unique subgraph of a model as ONNX, with every instance's weights",
         description=DESCRIPTION,
     )
-    parser.add_argument("--onnx", required=True, type=Path, metavar="DIR", help="output directory")
+    parser.add_argument("--onnx", required=True, metavar="DIR", help="output directory")
     parser.add_argument(
         "--model",
         required=True,
@@ -69,9 +69,17 @@ def model_and_inputs(spec: str) -> tuple[Any, tuple]:
 def run(args: argparse.Namespace) -> int:
     from ..export import export_onnx
 
+    if not args.onnx.strip():
+        print(
+            "trt-subgraph export: error: --onnx is empty (an unset shell variable?); give the output directory",
+            file=sys.stderr,
+        )
+        return 2
     try:
         model, inputs = model_and_inputs(args.model)
-        index = export_onnx(model, *inputs, out_dir=args.onnx, opset=args.opset, min_block_size=args.min_block_size)
+        index = export_onnx(
+            model, *inputs, out_dir=Path(args.onnx), opset=args.opset, min_block_size=args.min_block_size
+        )
     except (ValueError, TypeError, ImportError) as exc:
         print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
         return 2
