@@ -288,6 +288,32 @@ def test_a_stalled_server_costs_one_bounded_wait_and_one_warning(redis_servers, 
     assert len(warnings) == 1 and "TimeoutError" in warnings[0].getMessage()
 
 
+def test_lookups_that_fail_together_warn_once(tmp_path, caplog):
+    """Fetch threads look up several subgraphs at once; when the server stalls they fail at about
+    the same moment, and the outage must still cost one warning (two were logged)."""
+    cache = open_cache("redis://127.0.0.1:1/0", tmp_path)  # no connection is made by _call itself
+    together = threading.Barrier(8)
+
+    def stalled() -> None:
+        together.wait()
+        raise TimeoutError("Timeout reading from socket")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, as they do on a loaded machine
+    try:
+        with caplog.at_level(logging.WARNING, logger="trt_subgraph.cache.remote"):
+            threads = [threading.Thread(target=cache._call, args=("look up", None, stalled)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    warnings = [r for r in caplog.records if r.name == "trt_subgraph.cache.remote"]
+    assert len(warnings) == 1 and "TimeoutError" in warnings[0].getMessage()
+    assert not cache.available
+
+
 def test_cache_commands_on_the_remote(redis_url, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRT_SUBGRAPH_KEY_FILE", str(tmp_path / "cache.key"))
     cache = open_cache(redis_url, tmp_path)

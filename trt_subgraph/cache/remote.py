@@ -159,6 +159,7 @@ class RemoteCache(abc.ABC):
         self.wait_timeout = float(wait_timeout)
         self._off_until = 0.0
         self._down = False  # since the last fault, nothing succeeded: further faults are not warned about
+        self._state_lock = threading.Lock()  # `_down` and `_off_until` of threads that look up at once
         self._secret_value: bytes | None = None
         self._secret_error: str | None = None
 
@@ -231,9 +232,11 @@ class RemoteCache(abc.ABC):
         try:
             result = fn(*args)
         except Exception as e:  # any fault of the client, the network or the server
-            self._off_until = time.monotonic() + RETRY_AFTER_S
+            with self._state_lock:  # concurrent lookups that fail together: one warning
+                self._off_until = time.monotonic() + RETRY_AFTER_S
+                first, self._down = not self._down, True
             log.log(
-                logging.DEBUG if self._down else logging.WARNING,
+                logging.WARNING if first else logging.DEBUG,
                 "remote cache %s failed (%s while trying to %s: %s); building and caching locally, "
                 "trying it again in %.0f s",
                 self.shown_url,
@@ -242,10 +245,10 @@ class RemoteCache(abc.ABC):
                 e,
                 RETRY_AFTER_S,
             )
-            self._down = True
             return default
-        if self._down:
-            self._down = False
+        with self._state_lock:
+            back, self._down = self._down, False
+        if back:
             log.warning("remote cache %s answers again", self.shown_url)
         return result
 
