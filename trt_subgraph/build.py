@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, ranks, symbolic
+from . import __version__, ranks, symbolic, workers
 from ._compat import (
     apply_compile_settings,
     compile_settings,
@@ -37,7 +37,7 @@ from .engines.base import CanonicalSubgraph, Engine
 from .fingerprint import fingerprint
 from .options import Options
 from .report import SubgraphRecord
-from .workers import WorkerPool, default_workers
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +290,7 @@ class Builds:
         self.pool = pool if engine.builds_in_workers else None
         self.rank_split = options.rank_split_builds == "auto" and engine.persistable
         # builds this process runs at once: its build workers plus itself
-        allowed = default_workers() if options.build_workers is None else options.build_workers
-        self.slots = 1 if self.pool is None else 1 + allowed
+        self.slots = 1 if self.pool is None else 1 + workers.wanted(options.build_workers)
         self._waiting: list[Pending] = []
         self._first: dict[str, Pending] = {}
         self._later: list[Pending] = []  # building in the background

@@ -362,8 +362,13 @@ def for_engine(
     workers are wanted)."""
     if not engine.builds_in_workers:
         return None
-    size = default_workers() if build_workers is None else build_workers
+    size = wanted(build_workers)
     return start(size if needed is None else min(size, needed), device)
+
+
+def wanted(build_workers: int | None) -> int:
+    """Workers under option ``build_workers`` (None: :func:`default_workers`)."""
+    return default_workers() if build_workers is None else build_workers
 
 
 def device_of(inputs: list[Any]) -> str:

@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = dict(TINY) if args.tiny else {}
     sizes.update({k: getattr(args, k) for k in TINY if getattr(args, k) is not None})
     if "tp" in modes:  # the ranks would each fail on it: say so before launching them
+        # heads and MLP hidden size follow from width and heads alone: one small block shows them
+        probe = {**sizes, "depth": 1, "vocab": 8, "batch": 1, "seq": 2}
         try:
-            check_tensor_parallel(build("decoder", device="meta", **sizes)[0], args.nproc)
+            check_tensor_parallel(build("decoder", device="meta", **probe)[0], args.nproc)
         except ValueError as exc:
             parser.error(f"{exc} (set --heads and --width so that they do)")
     base = {
