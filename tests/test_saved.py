@@ -28,10 +28,10 @@ DECODER = dict(depth=2, width=16, batch=2, seq=8)
 
 @pytest.fixture(autouse=True)
 def aot_compile_enabled():
-    """torch 2.9 to 2.11 attach ``aot_compile`` only with this set (2.12 on: the default)."""
-    import torch._dynamo.config as dynamo_config
+    """torch 2.9 to 2.11 attach ``aot_compile`` only with it set (2.12 on: the default)."""
+    from trt_subgraph._compat import aot_compile_enabled
 
-    with dynamo_config.patch(enable_aot_compile=True):
+    with aot_compile_enabled():
         yield
 
 
