@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,8 +15,9 @@ import torch
 import torch.nn as nn
 
 import trt_subgraph
-from trt_subgraph import pipeline, runtime, saved
+from trt_subgraph import _compat, pipeline, runtime, saved
 from trt_subgraph.bench import models
+from trt_subgraph.engines import inductor
 from trt_subgraph.sparsity import prune_2_4
 
 pytestmark = pytest.mark.skipif(
@@ -89,9 +91,9 @@ print("@@" + json.dumps({
 """
 
 
-def load_in_new_process(path, how, tmp_path):
-    """Load `path` in a fresh interpreter with an empty disk cache; what it saw, as a dict."""
-    env = {**os.environ, "TRT_SUBGRAPH_CACHE_DIR": str(tmp_path / "empty-cache")}
+def load_in_new_process(path, how, tmp_path, env=None):
+    """Load `path` in a fresh interpreter with an empty disk cache (and `env`); what it saw, as a dict."""
+    env = {**os.environ, "TRT_SUBGRAPH_CACHE_DIR": str(tmp_path / "empty-cache"), **(env or {})}
     out = subprocess.run(
         [sys.executable, "-c", _LOAD, str(path), how, json.dumps(DECODER)],
         env=env,
@@ -118,6 +120,83 @@ def test_a_saved_function_loads_in_a_new_process_without_tracing_splitting_or_bu
     assert seen["totals"]["builds"] == 0 and seen["totals"]["loads"] == unique, seen
     assert seen["statuses"] == ["loaded"] * unique
     assert seen["regions"]["path"] == "regions" and seen["regions"]["loaded"] is True
+
+
+_SAVE = r"""
+import json, sys, torch, trt_subgraph
+from trt_subgraph._compat import aot_compile_enabled
+from trt_subgraph.bench import models
+
+def forward(model, *args):
+    return model(*args)
+
+model, inputs = models.build("decoder", seed=0, **json.loads(sys.argv[2]))
+with aot_compile_enabled(), torch.no_grad():
+    compiled = torch.compile(forward, fullgraph=True, backend="trt_subgraph", options={"engine": "inductor"})
+    compiled = compiled.aot_compile(((model, *inputs), {}))
+trt_subgraph.save(compiled, sys.argv[1])
+"""
+
+# The compiler as inductor would find it (CXX, else g++); wrapped to log each run.
+_COMPILER = shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _compiles(log):
+    """Compiler runs that compile or preprocess something (not ``-v`` / ``--version`` queries)."""
+    if not log.exists():
+        return []
+    return [line for line in log.read_text().splitlines() if line.strip() not in ("-v", "--version")]
+
+
+@pytest.mark.skipif(_COMPILER is None, reason="no C++ compiler")
+def test_a_load_with_an_empty_inductor_cache_compiles_nothing_not_even_the_vector_isa_checks(tmp_path):
+    """The file carries inductor's vector-ISA check programs: a new process with empty caches
+    (a new container) runs them to pick its ISA but compiles none, nor any kernel."""
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "$CXX_LOG"\nexec {_COMPILER} "$@"\n')
+    wrapper.chmod(0o755)
+    path = tmp_path / "decoder.tsg"
+    env = {
+        **os.environ,
+        "CXX": str(wrapper),
+        "CXX_LOG": str(tmp_path / "save.log"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-save"),
+        "TRT_SUBGRAPH_CACHE_DIR": str(tmp_path / "save-cache"),
+    }
+    subprocess.run([sys.executable, "-c", _SAVE, str(path), json.dumps(DECODER)], env=env, check=True, timeout=600)
+    assert _compiles(tmp_path / "save.log")
+
+    load_env = {"CXX": str(wrapper), "CXX_LOG": str(tmp_path / "load.log")}
+    load_env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-load")  # empty, as in a new container
+    seen = load_in_new_process(path, "trt_subgraph.load", tmp_path, env=load_env)
+    assert max(seen["errors"]) <= 1e-5, seen
+    assert seen["totals"]["builds"] == 0 and set(seen["statuses"]) == {"loaded"}, seen
+    assert _compiles(tmp_path / "load.log") == []
+
+
+def test_saved_vector_isa_checks_are_restored_only_where_their_key_is_this_processs(tmp_path, monkeypatch):
+    """Check programs of another compiler or torch are ignored (the pick compiles its own)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(_compat, "vec_isa_picked", lambda: False)
+    files = inductor._pack_files({"ab/cabc.so": b"\x7fELF check"})
+    inductor.restore_saved_vec_isa_checks({"key": "another compiler", "files": files})
+    assert not (tmp_path / "inductor").exists()
+    inductor.restore_saved_vec_isa_checks({"key": inductor._vec_isa_checks_key(), "files": files})
+    assert (tmp_path / "inductor" / "ab" / "cabc.so").read_bytes() == b"\x7fELF check"
+
+
+def test_a_plan_saved_without_vector_isa_checks_still_loads(tmp_path, monkeypatch):
+    """Files saved before saved functions carried the checks have no such field."""
+    real = saved._plan_state
+    monkeypatch.setattr(
+        saved, "_plan_state", lambda *a, **k: {n: v for n, v in real(*a, **k).items() if n != "vec_isa_checks"}
+    )
+    model = _blocks()
+    compiled = aot_compile(model, (torch.randn(3, 16),), engine="inductor")
+    run = trt_subgraph.load(trt_subgraph.save(compiled, tmp_path / "blocks.tsg"), model)
+    with torch.no_grad():
+        fresh = torch.randn(3, 16)
+        torch.testing.assert_close(run(fresh), model(fresh), **TIGHT)
 
 
 def test_save_waits_for_glue_building_in_the_background(tmp_path):

@@ -64,8 +64,7 @@ class InductorEngine(Engine):
         devices = {v.device.type for v in sub.example_inputs if isinstance(v, torch.Tensor)}
         key: dict[str, Any] = {}
         if "cpu" in devices:
-            if self._disk is not None:
-                _restore_vec_isa_checks(self._disk)
+            _restore_vec_isa_checks(self._disk)
             key["cpu"] = _compat.cpu_codegen_key()
         if "cuda" in devices:
             indexes = {
@@ -150,6 +149,7 @@ _CPU_KERNELS_HEADER = b"trt_subgraph cpu kernels "
 _CPU_KERNELS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 _VEC_ISA_LOCK = threading.Lock()
 _VEC_ISA_TRIED = False
+_VEC_ISA_CHECKS: bytes | None = None  # the check programs this process restored or built (packed)
 
 
 def _cpu_kernels_section(compiled: Any) -> bytes:
@@ -224,31 +224,67 @@ def _unpack_files(packed: bytes) -> dict[str, bytes]:
 
 def _restore_vec_isa_checks(disk: Any) -> None:
     """Before inductor first picks its CPU vector ISA in this process, put back the check
-    programs an earlier process kept in the disk cache (one small library per candidate ISA,
-    which the pick would otherwise compile: with an empty inductor cache, at every start), or
-    keep this process's when none are kept. They are keyed by what names them in inductor's
-    cache (compiler, torch version); the pick still loads each in a child process. Tried once
-    per process; a failure costs only those compiles."""
-    global _VEC_ISA_TRIED
+    programs an earlier process kept in the disk cache `disk` (one small library per candidate
+    ISA, which the pick would otherwise compile: with an empty inductor cache, at every start),
+    or keep this process's there when none are kept. They are keyed by what names them in
+    inductor's cache (compiler, torch version); the pick still loads each in a child process.
+    Either way they stay in memory too, for :func:`saved_vec_isa_checks`. Tried once per
+    process; a failure costs only those compiles."""
+    global _VEC_ISA_TRIED, _VEC_ISA_CHECKS
     with _VEC_ISA_LOCK:
         if _VEC_ISA_TRIED or _compat.vec_isa_picked():
             return
         _VEC_ISA_TRIED = True
         try:
-            key = make_key({"kind": "inductor vector-ISA checks", **_compat.vec_isa_checks_key()})
-            payload = disk.get(key)
+            key = _vec_isa_checks_key()
+            payload = disk.get(key) if disk is not None else None
             if payload is not None:
                 _compat.restore_inductor_files(_unpack_files(payload))
+                _VEC_ISA_CHECKS = payload
                 return
             files = {}
             for path in _compat.pick_vec_isa_recording_checks():
                 with open(path, "rb") as f:
                     files[_compat.inductor_file_name(path)] = f.read()
             if files:
+                _VEC_ISA_CHECKS = _pack_files(files)
+            if files and disk is not None:
                 meta = {"engine": "inductor", "versions": {"torch": torch.__version__}, "info": {"kind": "ISA checks"}}
-                disk.put(key, _pack_files(files), meta)
+                disk.put(key, _VEC_ISA_CHECKS, meta)
         except Exception as exc:
             log.warning("trt_subgraph: inductor's vector-ISA checks were not restored or kept (%s)", exc)
+
+
+def _vec_isa_checks_key() -> str:
+    return make_key({"kind": "inductor vector-ISA checks", **_compat.vec_isa_checks_key()})
+
+
+def saved_vec_isa_checks() -> dict[str, Any] | None:
+    """The vector-ISA check programs of this process (see :func:`_restore_vec_isa_checks`) for
+    a saved function to carry, with their key; None when this process has none."""
+    if _VEC_ISA_CHECKS is None:
+        return None
+    try:
+        return {"key": _vec_isa_checks_key(), "files": _VEC_ISA_CHECKS}
+    except Exception as exc:
+        log.info("trt_subgraph: a saved function holds no vector-ISA checks (%s)", exc)
+        return None
+
+
+def restore_saved_vec_isa_checks(saved: Any) -> None:
+    """Put the check programs a saved function carries (:func:`saved_vec_isa_checks`) into
+    inductor's cache before inductor picks its vector ISA in this process, where their key is
+    this process's (else the pick compiles its own). The pick still loads each in a child
+    process: the verdict stays this machine's. A failure costs only those compiles."""
+    if not isinstance(saved, dict):
+        return
+    with _VEC_ISA_LOCK:
+        try:
+            if _compat.vec_isa_picked() or saved.get("key") != _vec_isa_checks_key():
+                return
+            _compat.restore_inductor_files(_unpack_files(saved["files"]))
+        except Exception as exc:
+            log.warning("trt_subgraph: the saved vector-ISA checks were not restored (%s)", exc)
 
 
 @dataclasses.dataclass
