@@ -250,3 +250,18 @@ def test_a_worker_takes_on_the_numerics_settings_it_is_sent(process_settings):
     assert _compat.process_state() != want["process"]
     _compat.apply_compile_settings(want)
     assert _compat.process_state() == want["process"]
+
+
+def test_disk_cache_loads_start_the_engines_set_up_first(tmp_path, monkeypatch):
+    """A batch of disk-cache loads starts the engine's one-time set-up (see
+    `Engine.start_setup`) for the devices of what it loads; a build does not."""
+    from trt_subgraph.engines.inductor import InductorEngine
+
+    started = []
+    monkeypatch.setattr(InductorEngine, "start_setup", lambda self, devices: started.append(list(devices)))
+    cache_dir = tmp_path / "c"
+    compile_encoder(cache_dir, plan_cache=False)
+    assert started == []
+    report = compile_encoder(cache_dir, plan_cache=False)
+    assert {s.status for s in report.subgraphs} == {"disk_hit"}
+    assert started == [["cpu"]]

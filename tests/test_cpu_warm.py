@@ -126,3 +126,49 @@ def test_an_artifact_without_cpu_kernels_gets_no_section(tmp_path):
     inductor._keep_cpu_kernels(gone, [str(tmp_path / "ab" / "cab.main.so")])  # deleted since
     inductor._keep_cpu_kernels(plain, [str(tmp_path / "ab" / "cab.main.so")])  # no weak references
     assert [inductor._cpu_kernels_section(a) for a in (gpu, gone, plain)] == [b"", b"", b""]
+
+
+def test_inductor_set_up_runs_once_in_the_background_and_loads_wait_for_it(monkeypatch):
+    """The source hash every first build or load computes runs in a thread started early; a
+    batch of loads waits for it instead of computing it again beside it."""
+    import threading
+    import time
+
+    import torch._inductor.codecache as codecache
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_torch_key():
+        calls.append(threading.current_thread().name)
+        started.set()
+        release.wait(10)
+        return b"key"
+
+    monkeypatch.setattr(codecache, "torch_key", slow_torch_key)
+    monkeypatch.setattr(_compat, "_SETUP", {})
+    _compat.start_inductor_setup(cuda=False)
+    assert started.wait(10)
+    _compat.start_inductor_setup(cuda=False)  # once per process
+    entered = threading.Event()
+    loader = threading.Thread(target=lambda: (_compat.loading_artifacts(), entered.set()))
+    loader.start()
+    time.sleep(0.2)
+    assert not entered.is_set()  # waiting for the set-up
+    release.set()
+    loader.join(10)
+    assert entered.is_set() and calls == ["trt_subgraph-setup"]
+
+
+def test_a_failing_set_up_step_is_left_to_its_first_user(monkeypatch):
+    import torch._inductor.codecache as codecache
+
+    def broken():
+        raise OSError("unreadable source file")
+
+    monkeypatch.setattr(codecache, "torch_key", broken)
+    monkeypatch.setattr(_compat, "_SETUP", {})
+    _compat.start_inductor_setup(cuda=False)
+    _compat.wait_inductor_setup()
+    assert not _compat._SETUP["torch"].is_alive()
+    with _compat.loading_artifacts():  # no error here: the load that needs the key raises
+        pass

@@ -437,3 +437,19 @@ def test_save_into_a_directory_is_refused(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory; give the path of the file to write"):
         trt_subgraph.save(compiled, target)
     assert target.is_dir() and not any(target.iterdir())
+
+
+def test_a_load_starts_the_engines_set_up_and_a_compile_does_not(tmp_path, monkeypatch):
+    """A load starts the engine's one-time set-up (inductor: torch's and Triton's source hashes,
+    Triton's driver) in threads before unpickling, and its loads wait for it; a compile does not
+    start it, since the threads would contend with lowering for the GIL."""
+    from trt_subgraph.engines.base import Engine
+
+    started = []
+    monkeypatch.setattr(Engine, "start_setup", lambda self, devices: started.append((self.name, list(devices))))
+    model, inputs = models.build("decoder", seed=0, **DECODER)
+    compiled = aot_compile(model, inputs)
+    assert started == []
+    path = trt_subgraph.save(compiled, tmp_path / "decoder.tsg")
+    trt_subgraph.load(path, model)
+    assert started == [("eager", ["cpu"])]

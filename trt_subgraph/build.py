@@ -472,6 +472,9 @@ class Builds:
         return True
 
     def _load_all(self, loads: list[Pending], threads: concurrent.futures.ThreadPoolExecutor | None) -> None:
+        if loads:
+            devices = {x.device.type for p in loads for x in p.sub.example_inputs if isinstance(x, torch.Tensor)}
+            self.engine.start_setup(sorted(devices))
         with self.engine.loading():  # nothing else runs in this process meanwhile
             if threads is not None and self.engine.loads_concurrently():
                 list(threads.map(self._load, loads))

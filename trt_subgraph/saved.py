@@ -568,6 +568,7 @@ def _rebuild(
     engine, engine_reason = engines.select(
         state["engine"], torch_executed_ops=options.torch_executed_ops, sparsity=options.sparsity
     )
+    engine.start_setup(state["device_types"])  # overlaps unpickling the graphs below; loads wait for it
     store = ArtifactStore(engine, options)
     fake_mode = new_fake_mode()
     groups: dict[str, _Group] = {}

@@ -136,6 +136,12 @@ class Engine(abc.ABC):
         called when ``persistable``)."""
         return None
 
+    def start_setup(self, device_types: list[str]) -> None:
+        """Start, in threads, the one-time set-up of this process that loading artifacts for
+        `device_types` (``"cpu"``, ``"cuda"``) needs; :meth:`loading` waits for it (default: no
+        set-up). Called before loads only: beside a build, threads contend with it for the GIL."""
+        return None
+
     def loads_concurrently(self) -> bool:
         """Whether ``deserialize`` may run in several threads at once (inside :meth:`loading`)."""
         return False

@@ -78,6 +78,10 @@ class InductorEngine(Engine):
     def settings(self) -> dict[str, Any]:
         return {"engine": self.name, "inductor_config": _compat.inductor_config_key()}
 
+    def start_setup(self, device_types: list[str]) -> None:
+        """Inductor's and Triton's source hashes and Triton's driver (`_compat.start_inductor_setup`)."""
+        _compat.start_inductor_setup(cuda="cuda" in device_types)
+
     def loads_concurrently(self) -> bool:
         """Loads are thread-safe: AOTCompiledArtifacts (torch >= 2.10) load in memory at once,
         artifacts of the older format one at a time (`trt_subgraph._compat.load_compiled_artifact`)."""
