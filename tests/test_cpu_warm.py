@@ -172,3 +172,19 @@ def test_a_failing_set_up_step_is_left_to_its_first_user(monkeypatch):
     assert not _compat._SETUP["torch"].is_alive()
     with _compat.loading_artifacts():  # no error here: the load that needs the key raises
         pass
+
+
+def test_a_torch_without_the_set_up_functions_loads_as_before(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_torch_key(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "torch._inductor.codecache" and "torch_key" in (fromlist or ()):
+            raise ImportError("cannot import name 'torch_key'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", without_torch_key)
+    monkeypatch.setattr(_compat, "_SETUP", {})
+    _compat.start_inductor_setup(cuda=True)  # no error: the loads compute the values themselves
+    assert _compat._SETUP == {}

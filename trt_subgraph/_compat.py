@@ -308,7 +308,15 @@ def start_inductor_setup(cuda: bool) -> None:
     instead of 1.3 s (the times are a load's profile on an H200, torch 2.11, Triton 3.6). Not
     for a process about to build: there the hashing threads and the lowering contend for the
     GIL (torch's hash took 1.6-1.9 s instead of 0.1 s). Once per process; a failure leaves the
-    work to its first user, which raises as it would have."""
+    work to its first user, which raises as it would have; so does a torch or Triton without
+    these functions."""
+    try:
+        _start_inductor_setup(cuda)
+    except Exception as exc:  # ImportError where a release moved them
+        log.debug("trt_subgraph: inductor set-up not started: %s", exc)
+
+
+def _start_inductor_setup(cuda: bool) -> None:
     with _SETUP_LOCK:
         if "torch" not in _SETUP:
             from torch._inductor.codecache import torch_key
