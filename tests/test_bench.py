@@ -968,3 +968,16 @@ def test_tiny_batch_sweep_end_to_end_with_eager(tmp_path):
     assert [(r["size"], r["sizes"]["batch"], r["status"]) for r in rows] == [(2, 2, "ok"), (1, 1, "ok")]
     assert all(r["rel_err"] == 0.0 and r["latency_ms_median"] > 0 for r in rows)
     assert "| 1 | 1 | eager |" in (out / "results.md").read_text()
+
+
+def test_cases_import_this_trt_subgraph_whatever_the_working_directory_holds(tmp_path, monkeypatch):
+    """The case process runs the trt_subgraph of the command, not a checkout in the working
+    directory (``python -m`` and ``-c`` put the working directory first on the import path)."""
+    shadow = tmp_path / "trt_subgraph"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing checkout was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = runner.Config(models=["mlp"], backends=["eager"], device="cpu", dtype="float32", repeats=2, warmup=1)
+    (case,) = runner.cases(cfg)
+    row = runner.run_case(case, trt_cache_dir=str(tmp_path / "cache"), timeout=120)
+    assert row["status"] == "ok", row.get("error")

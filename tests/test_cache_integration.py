@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -70,6 +71,17 @@ def test_entries_are_keyed_by_the_cpu_instruction_set(tmp_path):
             assert set(other["statuses"]) == {"disk_hit"}, capability
         else:
             assert set(other["statuses"]) == {"built"}, capability
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_the_same_compiler_named_another_way_finds_the_entries(tmp_path):
+    """``CXX=g++`` and ``CXX=/usr/bin/g++`` run one binary: the key names the binary, not
+    the name it was reached by (gcc's banner holds that name as ``COLLECT_GCC``)."""
+    (cold,) = run_children(tmp_path / "c", env={"CXX": "g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "i1")})
+    assert cold["totals"]["builds"] >= 2
+    env = {"CXX": shutil.which("g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "i2")}
+    (other,) = run_children(tmp_path / "c", env=env)
+    assert set(other["statuses"]) == {"disk_hit"} and other["err"] < 1e-5, other
 
 
 def _picked_isa(env):

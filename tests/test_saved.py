@@ -439,6 +439,36 @@ def test_save_into_a_directory_is_refused(tmp_path):
     assert target.is_dir() and not any(target.iterdir())
 
 
+def test_what_load_cannot_read_says_what_it_is(tmp_path):
+    """A directory, a FIFO (which would block forever), a missing key file and a key file that
+    is a directory: each refused at once, naming what is wrong."""
+    import threading
+
+    model, inputs = models.build("mlp", width=16, batch=2)
+    path = trt_subgraph.save(aot_compile(model.eval(), inputs), tmp_path / "mlp.tsg")
+    with pytest.raises(IsADirectoryError, match=r"is a directory; give the path of a file trt_subgraph\.save wrote"):
+        trt_subgraph.load(tmp_path, model)
+    fifo = tmp_path / "pipe.tsg"
+    os.mkfifo(fifo)
+    raised = []
+
+    def load_fifo():
+        try:
+            trt_subgraph.load(fifo, model)
+        except Exception as exc:
+            raised.append(exc)
+
+    reader = threading.Thread(target=load_fifo, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive() and "is not a regular file" in str(raised[0])
+    with pytest.raises(FileNotFoundError, match=r"key file .* does not exist; a saved function loads only with"):
+        trt_subgraph.load(path, model, key_file=tmp_path / "nowhere.key")
+    (tmp_path / "keys").mkdir(mode=0o700)
+    with pytest.raises(ValueError, match=r"key file .*keys is refused: it is not a regular file"):
+        trt_subgraph.load(path, model, key_file=tmp_path / "keys")
+
+
 def test_a_load_starts_the_engines_set_up_and_a_compile_does_not(tmp_path, monkeypatch):
     """A load starts the engine's one-time set-up (inductor: torch's and Triton's source hashes,
     Triton's driver) in threads before unpickling, and its loads wait for it; a compile does not

@@ -394,3 +394,17 @@ def test_a_process_that_ends_while_glue_builds_leaves_it_in_the_disk_cache(tmp_p
     assert cold["statuses"].count("building") == 2, cold  # the process ended with its glue building
     warm = one_call()
     assert warm["plan"] == "cache hit" and set(warm["statuses"]) == {"disk_hit"}, warm
+
+
+def test_workers_import_this_trt_subgraph_whatever_the_working_directory_holds(tmp_path, monkeypatch):
+    """A checkout of another trt_subgraph in the working directory must not shadow the one this
+    process runs (``python -c`` puts the working directory first on a child's import path)."""
+    shadow = tmp_path / "trt_subgraph"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing checkout was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    pool = WorkerPool(1)
+    try:
+        assert pool.submit(operator.add, 2, 3).result() == 5
+    finally:
+        pool.close()

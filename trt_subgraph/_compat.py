@@ -577,7 +577,7 @@ def cpu_codegen_key() -> dict[str, str]:
 
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return {"arch": platform.machine(), "vec_isa": str(pick_vec_isa()), "compiler": _cpp_compiler()}
+    return {"arch": platform.machine(), "vec_isa": str(pick_vec_isa()), "compiler": _cpp_compiler_identity()}
 
 
 def pinned_cpu_vec_isa() -> Any:
@@ -607,10 +607,29 @@ def _cpp_compiler() -> str:
     return f"{compiler} {version}"
 
 
-# Settings torch patches around its own steps that change no artifact of trt_subgraph's:
-# ``enable_autograd_for_aot`` (set while ``load_compiled_function`` rebuilds a saved function;
-# it concerns AOTInductor's packaged libraries, which standalone_compile does not make).
-_CONFIG_NOT_IN_KEY = ("enable_autograd_for_aot",)
+@functools.cache
+def _cpp_compiler_identity() -> str:
+    """The C++ compiler as a binary, whatever name reached it (``CXX=g++``, ``/usr/bin/g++``,
+    ``c++``): its resolved path and its version banner without gcc's ``COLLECT_GCC=<the name it
+    was run by>`` line, which differs for the same compiler."""
+    import re
+    import shutil
+
+    from torch._inductor import cpp_builder
+
+    compiler = cpp_builder.get_cpp_compiler()
+    found = shutil.which(compiler)
+    version = getattr(cpp_builder, "get_compiler_version_info", lambda _: "")(compiler)
+    version = re.sub(r"COLLECT_GCC=.*?_(?=COLLECT_LTO_WRAPPER=|Target: )", "", version)
+    return f"{os.path.realpath(found) if found else compiler} {version}"
+
+
+# Settings that change no artifact of trt_subgraph's, or not by their spelling:
+# ``enable_autograd_for_aot``, which torch patches while ``load_compiled_function`` rebuilds a
+# saved function (it concerns AOTInductor's packaged libraries, which standalone_compile does
+# not make); ``cpp.cxx``, the C++ compiler by the name ``CXX`` gives it, which CPU keys hold as
+# the binary it names (`_cpp_compiler_identity`) and which generates no GPU code.
+_CONFIG_NOT_IN_KEY = ("enable_autograd_for_aot", "cpp.cxx")
 
 
 def inductor_config_key() -> str:

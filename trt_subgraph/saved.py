@@ -743,13 +743,29 @@ def load(
     Nothing is traced, split or (where the saved artifacts fit this machine) built. Dynamo's
     guards still check each call's arguments against those it was compiled for.
 
-    Raises ValueError, before anything is unpickled, when the file is not such a file, its
-    authentication tag does not verify with `key_file` (default: the cache's key file, as for
-    :func:`save`), or it was saved with another Python, torch, trt_subgraph or GPU;
-    FileNotFoundError when `path` or the key file does not exist.
+    Raises ValueError, before anything is unpickled, when the file is not such a file (or not a
+    regular file), its authentication tag does not verify with `key_file` (default: the cache's
+    key file, as for :func:`save`), or it was saved with another Python, torch, trt_subgraph or
+    GPU; IsADirectoryError when `path` is a directory; FileNotFoundError when `path` or the key
+    file does not exist.
     """
     path = Path(path)
-    secret = read_secret(Path(key_file) if key_file is not None else default_key_file())
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"trt_subgraph.load: {path} is a directory; give the path of a file trt_subgraph.save wrote"
+        )
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise ValueError(
+            f"trt_subgraph.load: {path} is not a regular file; give the path of a file trt_subgraph.save wrote"
+        )
+    key_path = Path(key_file) if key_file is not None else default_key_file()
+    try:
+        secret = read_secret(key_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"trt_subgraph.load: key file {key_path} does not exist; a saved function loads only with the key "
+            "file it was saved with: copy that file here, or pass key_file= (or set TRT_SUBGRAPH_KEY_FILE)"
+        ) from None
     with open(path, "rb") as f:
         try:
             header = read_header(f)

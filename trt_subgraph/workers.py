@@ -41,12 +41,14 @@ from ._state import on_reset
 
 __all__ = [
     "BUILD_TIMEOUT_S",
+    "DROP_WORKING_DIRECTORY",
     "IDLE_S",
     "WorkerError",
     "WorkerPool",
     "default_workers",
     "device_of",
     "for_engine",
+    "import_path",
     "pool",
     "shutdown",
     "start",
@@ -69,7 +71,12 @@ IDLE_S = 60.0
 MAX_DEFAULT_WORKERS = 8
 
 _HEADER = struct.Struct("<Q")
-_WORKER_CODE = "import sys; from trt_subgraph.workers import serve; serve(sys.argv[1])"
+#: What a child interpreter started with ``python -c`` runs first: it drops the working
+#: directory that ``-c`` puts first on its import path, and imports through :func:`import_path`
+#: what this process imports (a checkout of another trt_subgraph in the working directory would
+#: otherwise shadow the installed one).
+DROP_WORKING_DIRECTORY = "import sys; sys.path[:] = [p for p in sys.path if p]; "
+_WORKER_CODE = DROP_WORKING_DIRECTORY + "from trt_subgraph.workers import serve; serve(sys.argv[1])"
 _WAKE = object()  # queued by `WorkerPool.grow`: a worker thread waits for its restarted worker
 
 
@@ -320,11 +327,18 @@ class WorkerPool:
                 worker.stop()
 
 
+def import_path() -> str:
+    """This process's import path, in order, as ``PYTHONPATH`` for a child interpreter (the
+    working directory, where it is on the path, as an absolute path): with
+    :data:`DROP_WORKING_DIRECTORY` the child imports the modules this process imports."""
+    return os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
+
+
 def _worker_env() -> dict[str, str]:
     """The main process's environment with its import path, inductor kept from starting a
     compile pool of its own in each worker."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONPATH"] = import_path()
     env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     env["TORCH_WARM_POOL"] = "0"
     return env

@@ -142,7 +142,7 @@ def read_secret(path: pathlib.Path) -> bytes:
     """
     _check_directories(path)
     fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
+    try:  # the fd itself, not a file object: that refuses a directory before the check below
         st = os.fstat(fd)
         mode = stat.S_IMODE(st.st_mode)
         if not stat.S_ISREG(st.st_mode):
@@ -161,7 +161,9 @@ def read_secret(path: pathlib.Path) -> bytes:
                 f"key file {path} is refused: other users can read or change it (mode {mode:04o}); "
                 f"fix: chmod 600 {path} (or 640 to share it with its group)"
             )
-        data = f.read(SECRET_LEN + 1)
+        data = os.read(fd, SECRET_LEN + 1)
+    finally:
+        os.close(fd)
     if len(data) != SECRET_LEN:
         raise ValueError(f"key file {path} holds {len(data)} bytes, expected {SECRET_LEN}")
     return data
