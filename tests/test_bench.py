@@ -621,7 +621,7 @@ class _FakeCaseProcess:
     envs: list[dict[str, str]] = []
 
     def __init__(self, cmd, *, env, **kwargs):
-        assert cmd[1:3] == ["-m", "trt_subgraph.bench._case"]
+        assert cmd[1] == "-c" and "from trt_subgraph.bench._case import main" in cmd[2]
         self.envs.append(env)
         self.pid, self.returncode = 0, 0
 
