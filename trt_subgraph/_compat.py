@@ -599,7 +599,9 @@ def pinned_cpu_vec_isa() -> Any:
 
 @functools.cache
 def _cpp_compiler() -> str:
-    """The C++ compiler inductor runs and its version banner (one subprocess per process)."""
+    """The C++ compiler inductor runs, by the name it was given, and its version banner (one
+    subprocess per process): what names inductor's vector-ISA check programs. Cache keys of
+    generated code use :func:`_cpp_compiler_identity`."""
     from torch._inductor import cpp_builder
 
     compiler = cpp_builder.get_cpp_compiler()
