@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat
 import subprocess
 import sys
 
 import pytest
 import torch
+from compiler_log import compiles, logging_compiler, needs_compiler
 
 from trt_subgraph import _compat
 from trt_subgraph.engines import inductor
@@ -47,22 +46,10 @@ json.dump({
 }, open(sys.argv[2], "w"))
 """
 
-# The compiler as inductor would find it (CXX, else g++), wrapped to log each run.
-_COMPILER = shutil.which(os.environ.get("CXX", "g++"))
 
-
-def _compiles(log):
-    """Compiler runs that compile or preprocess something (not ``-v`` / ``--version`` queries)."""
-    if not log.exists():
-        return []
-    return [line for line in log.read_text().splitlines() if line.strip() not in ("-v", "--version")]
-
-
-@pytest.mark.skipif(_COMPILER is None, reason="no C++ compiler")
+@needs_compiler
 def test_a_warm_process_with_an_empty_inductor_cache_compiles_nothing(tmp_path):
-    wrapper = tmp_path / "cxx"
-    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "$CXX_LOG"\nexec {_COMPILER} "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    wrapper = logging_compiler(tmp_path)
     (tmp_path / "child.py").write_text(CHILD)
     runs = {}
     for run in ("cold", "warm"):
@@ -81,9 +68,9 @@ def test_a_warm_process_with_an_empty_inductor_cache_compiles_nothing(tmp_path):
             timeout=600,
         )
         runs[run] = json.loads(out.read_text())
-    assert runs["cold"]["statuses"] == ["built"] and _compiles(tmp_path / "cold.log")
+    assert runs["cold"]["statuses"] == ["built"] and compiles(tmp_path / "cold.log")
     assert runs["warm"]["statuses"] == ["disk_hit"]
-    assert _compiles(tmp_path / "warm.log") == []
+    assert compiles(tmp_path / "warm.log") == []
     assert runs["warm"]["out"] == runs["cold"]["out"]  # the same kernels: bit for bit
     warm = torch.tensor(runs["warm"]["out"])
     torch.testing.assert_close(warm, torch.tensor(runs["warm"]["ref"]), rtol=1e-5, atol=1e-5)

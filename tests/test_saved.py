@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import hf_models
 import pytest
 import torch
 import torch.nn as nn
+from compiler_log import compiles, logging_compiler, needs_compiler
 
 import trt_subgraph
 from trt_subgraph import _compat, pipeline, runtime, saved
@@ -137,24 +137,12 @@ with aot_compile_enabled(), torch.no_grad():
 trt_subgraph.save(compiled, sys.argv[1])
 """
 
-# The compiler as inductor would find it (CXX, else g++); wrapped to log each run.
-_COMPILER = shutil.which(os.environ.get("CXX", "g++"))
 
-
-def _compiles(log):
-    """Compiler runs that compile or preprocess something (not ``-v`` / ``--version`` queries)."""
-    if not log.exists():
-        return []
-    return [line for line in log.read_text().splitlines() if line.strip() not in ("-v", "--version")]
-
-
-@pytest.mark.skipif(_COMPILER is None, reason="no C++ compiler")
+@needs_compiler
 def test_a_load_with_an_empty_inductor_cache_compiles_nothing_not_even_the_vector_isa_checks(tmp_path):
     """The file carries inductor's vector-ISA check programs: a new process with empty caches
     (a new container) runs them to pick its ISA but compiles none, nor any kernel."""
-    wrapper = tmp_path / "cxx"
-    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "$CXX_LOG"\nexec {_COMPILER} "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper = logging_compiler(tmp_path)
     path = tmp_path / "decoder.tsg"
     env = {
         **os.environ,
@@ -164,14 +152,14 @@ def test_a_load_with_an_empty_inductor_cache_compiles_nothing_not_even_the_vecto
         "TRT_SUBGRAPH_CACHE_DIR": str(tmp_path / "save-cache"),
     }
     subprocess.run([sys.executable, "-c", _SAVE, str(path), json.dumps(DECODER)], env=env, check=True, timeout=600)
-    assert _compiles(tmp_path / "save.log")
+    assert compiles(tmp_path / "save.log")
 
     load_env = {"CXX": str(wrapper), "CXX_LOG": str(tmp_path / "load.log")}
     load_env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-load")  # empty, as in a new container
     seen = load_in_new_process(path, "trt_subgraph.load", tmp_path, env=load_env)
     assert max(seen["errors"]) <= 1e-5, seen
     assert seen["totals"]["builds"] == 0 and set(seen["statuses"]) == {"loaded"}, seen
-    assert _compiles(tmp_path / "load.log") == []
+    assert compiles(tmp_path / "load.log") == []
 
 
 def test_saved_vector_isa_checks_are_restored_only_where_their_key_is_this_processs(tmp_path, monkeypatch):
