@@ -598,18 +598,22 @@ def pinned_cpu_vec_isa() -> Any:
 
 
 @functools.cache
-def _cpp_compiler() -> str:
-    """The C++ compiler inductor runs, by the name it was given, and its version banner (one
-    subprocess per process): what names inductor's vector-ISA check programs. Cache keys of
-    generated code use :func:`_cpp_compiler_identity`."""
+def _cpp_compiler_banner() -> tuple[str, str]:
+    """(the C++ compiler inductor runs, by the name it was given; its version banner): one
+    subprocess per process."""
     from torch._inductor import cpp_builder
 
     compiler = cpp_builder.get_cpp_compiler()
-    version = getattr(cpp_builder, "get_compiler_version_info", lambda _: "")(compiler)
+    return compiler, getattr(cpp_builder, "get_compiler_version_info", lambda _: "")(compiler)
+
+
+def _cpp_compiler() -> str:
+    """The C++ compiler by its name and its version banner: what names inductor's vector-ISA
+    check programs. Cache keys of generated code use :func:`_cpp_compiler_identity`."""
+    compiler, version = _cpp_compiler_banner()
     return f"{compiler} {version}"
 
 
-@functools.cache
 def _cpp_compiler_identity() -> str:
     """The C++ compiler as a binary, whatever name reached it (``CXX=g++``, ``/usr/bin/g++``,
     ``c++``): its resolved path and its version banner without gcc's ``COLLECT_GCC=<the name it
@@ -617,11 +621,8 @@ def _cpp_compiler_identity() -> str:
     import re
     import shutil
 
-    from torch._inductor import cpp_builder
-
-    compiler = cpp_builder.get_cpp_compiler()
+    compiler, version = _cpp_compiler_banner()
     found = shutil.which(compiler)
-    version = getattr(cpp_builder, "get_compiler_version_info", lambda _: "")(compiler)
     version = re.sub(r"COLLECT_GCC=.*?_(?=COLLECT_LTO_WRAPPER=|Target: )", "", version)
     return f"{os.path.realpath(found) if found else compiler} {version}"
 
