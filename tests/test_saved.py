@@ -177,7 +177,7 @@ def test_a_plan_saved_without_vector_isa_checks_still_loads(tmp_path, monkeypatc
     """Files saved before saved functions carried the checks have no such field."""
     real = saved._plan_state
     monkeypatch.setattr(
-        saved, "_plan_state", lambda *a, **k: {n: v for n, v in real(*a, **k).items() if n != "vec_isa_checks"}
+        saved, "_plan_state", lambda *a, **k: {n: v for n, v in real(*a, **k).items() if n != "engine_extras"}
     )
     model = _blocks()
     compiled = aot_compile(model, (torch.randn(3, 16),), engine="inductor")

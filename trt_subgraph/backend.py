@@ -27,13 +27,13 @@ from ._compat import (
     without_aot_autograd_cache,
 )
 from ._state import reset, warn_once
-from .engines.base import TORCH_EXECUTED, Engine
+from .engines.base import TORCH_EXECUTED, Engine, device_types
 from .fx_utils import placeholders
 from .options import Options
 from .pipeline import Compilation, Lowered
 from .regions import compile_regions
 from .report import Report, record
-from .saved import CompiledForward, Plan, PlannedGraph, Recorder, device_types
+from .saved import CompiledForward, Plan, PlannedGraph, Recorder
 
 log = logging.getLogger(__name__)
 

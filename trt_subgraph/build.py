@@ -33,7 +33,7 @@ from ._compat import (
 )
 from ._state import on_reset, warn_once
 from .cache import FORMAT_VERSION as CACHE_FORMAT  # the entry format is part of every key
-from .engines.base import CanonicalSubgraph, Engine
+from .engines.base import CanonicalSubgraph, Engine, device_types
 from .fingerprint import fingerprint
 from .options import Options
 from .report import SubgraphRecord
@@ -473,8 +473,7 @@ class Builds:
 
     def _load_all(self, loads: list[Pending], threads: concurrent.futures.ThreadPoolExecutor | None) -> None:
         if loads:
-            devices = {x.device.type for p in loads for x in p.sub.example_inputs if isinstance(x, torch.Tensor)}
-            self.engine.start_setup(sorted(devices))
+            self.engine.start_setup(device_types([x for p in loads for x in p.sub.example_inputs]))
         with self.engine.loading():  # nothing else runs in this process meanwhile
             if threads is not None and self.engine.loads_concurrently():
                 list(threads.map(self._load, loads))

@@ -55,7 +55,7 @@ from ._compat import (
     writes_an_argument,
 )
 from .build import Builds
-from .engines.base import ACTIVATION, SYMINT, WEIGHT, Engine, op_name
+from .engines.base import ACTIVATION, SYMINT, WEIGHT, Engine, device_types, op_name
 from .fingerprint import UnhashableArgument, describe
 from .fx_utils import label_runs, output_node, placeholders
 from .options import Options
@@ -398,7 +398,7 @@ def compile_regions(
     plan = saved.Plan(
         options=options,
         engine=engine,
-        device_types=saved.device_types(example_inputs),
+        device_types=device_types(example_inputs),
         assembly=boxed.assembly,
         report=report,
         outer=split,

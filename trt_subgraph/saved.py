@@ -241,11 +241,6 @@ def _skeleton(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(root, graph)
 
 
-def device_types(inputs: list[Any]) -> list[str]:
-    """The device types of the tensors among a graph's `inputs`, sorted."""
-    return sorted({x.device.type for x in inputs if isinstance(x, torch.Tensor)})
-
-
 def group_of(record: SubgraphRecord) -> str:
     """The group of a report record: its fingerprint, plus ``/variant`` where weight values
     change the code (as ``pipeline.Lowered`` names groups)."""
@@ -330,19 +325,8 @@ def _plan_state(plan: Plan, *, artifacts: bool = True) -> dict[str, Any]:
             "regions": dict(report.regions),
         },
         # optional (older plans have none); only in a saved file: the disk cache keeps them too
-        "vec_isa_checks": _vec_isa_checks(plan.engine.name, plan.device_types) if artifacts else None,
+        "engine_extras": plan.engine.saved_extras(plan.device_types) if artifacts else None,
     }
-
-
-def _vec_isa_checks(engine: str, device_types: list[str]) -> dict[str, Any] | None:
-    """Inductor's vector-ISA check programs of this process, for a plan that runs inductor on
-    the CPU: a load with an empty inductor cache then compiles none of them
-    (`trt_subgraph.engines.inductor.saved_vec_isa_checks`)."""
-    if engine != "inductor" or "cpu" not in device_types:
-        return None
-    from .engines import inductor
-
-    return inductor.saved_vec_isa_checks()
 
 
 def _user_aliases(plan: Plan) -> list[str]:
@@ -561,13 +545,11 @@ def _rebuild(
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise RuntimeError(f"trt_subgraph: saved plan format {found!r}; this release reads format {PLAN_FORMAT}")
     options = options if options is not None else _options(state["options"])
-    if state.get("vec_isa_checks") is not None:  # before the keys below make inductor pick its ISA
-        from .engines import inductor
-
-        inductor.restore_saved_vec_isa_checks(state["vec_isa_checks"])
     engine, engine_reason = engines.select(
         state["engine"], torch_executed_ops=options.torch_executed_ops, sparsity=options.sparsity
     )
+    if state.get("engine_extras") is not None:  # before any key below is made
+        engine.restore_saved_extras(state["engine_extras"])
     engine.start_setup(state["device_types"])  # overlaps unpickling the graphs below; loads wait for it
     store = ArtifactStore(engine, options)
     fake_mode = new_fake_mode()
@@ -653,8 +635,8 @@ def _with_artifacts(state: dict[str, Any], store: ArtifactStore) -> bytes:
             rec = SubgraphRecord(fingerprint=group["record"]["fingerprint"], nodes=group["record"]["nodes"])
             group = {**group, "artifact": _artifact_bytes(store, group["key"], rec)}
         groups[name] = group
-    checks = state.get("vec_isa_checks") or _vec_isa_checks(state["engine"], state["device_types"])
-    return pickle.dumps({**state, "groups": groups, "vec_isa_checks": checks}, protocol=pickle.HIGHEST_PROTOCOL)
+    extras = state.get("engine_extras") or store.engine.saved_extras(state["device_types"])
+    return pickle.dumps({**state, "groups": groups, "engine_extras": extras}, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class _Whole:

@@ -10,7 +10,7 @@ import abc
 import contextlib
 import dataclasses
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -142,6 +142,17 @@ class Engine(abc.ABC):
         set-up). Called before loads only: beside a build, threads contend with it for the GIL."""
         return None
 
+    def saved_extras(self, device_types: list[str]) -> Any:
+        """What a saved function of this engine carries besides its artifacts: what this process
+        made for the machine that a load in a new process would otherwise make again (default:
+        None). Must pickle."""
+        return None
+
+    def restore_saved_extras(self, extras: Any) -> None:
+        """Put back the :meth:`saved_extras` of a saved function, before any cache key is made
+        for it (default: nothing)."""
+        return None
+
     def loads_concurrently(self) -> bool:
         """Whether ``deserialize`` may run in several threads at once (inside :meth:`loading`)."""
         return False
@@ -171,3 +182,8 @@ def op_name(target: Any) -> str:
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
     return f"{module}.{name}" if module else name
+
+
+def device_types(inputs: Sequence[Any]) -> list[str]:
+    """The device types of the tensors among `inputs` (a graph's, or a subgraph's), sorted."""
+    return sorted({x.device.type for x in inputs if isinstance(x, torch.Tensor)})

@@ -28,7 +28,7 @@ from .._state import warn_once
 from ..cache import make_key
 from ..sparse import runtime as sparse_runtime
 from ..sparse.analysis import analyze_weight
-from .base import CanonicalSubgraph, Engine
+from .base import CanonicalSubgraph, Engine, device_types
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class InductorEngine(Engine):
         GPU kernels by Triton (the GPU's compute capability is in the device key already). The
         generated code sets the CUDA device by index (``torch.cuda.set_device(0)``), so an
         artifact built on one GPU runs wrong on another: the indexes are part of the key."""
-        devices = {v.device.type for v in sub.example_inputs if isinstance(v, torch.Tensor)}
+        devices = device_types(sub.example_inputs)
         key: dict[str, Any] = {}
         if "cpu" in devices:
             _restore_vec_isa_checks(self._disk)
@@ -81,6 +81,14 @@ class InductorEngine(Engine):
     def start_setup(self, device_types: list[str]) -> None:
         """Inductor's and Triton's source hashes and Triton's driver (`_compat.start_inductor_setup`)."""
         _compat.start_inductor_setup(cuda="cuda" in device_types)
+
+    def saved_extras(self, device_types: list[str]) -> Any:
+        """For graphs with CPU subgraphs, inductor's vector-ISA check programs: a load with an
+        empty inductor cache then compiles none of them (:func:`saved_vec_isa_checks`)."""
+        return saved_vec_isa_checks() if "cpu" in device_types else None
+
+    def restore_saved_extras(self, extras: Any) -> None:
+        restore_saved_vec_isa_checks(extras)
 
     def loads_concurrently(self) -> bool:
         """Loads are thread-safe: AOTCompiledArtifacts (torch >= 2.10) load in memory at once,
