@@ -788,3 +788,31 @@ def test_cuda_graphs_record_again_after_every_graph_was_dropped(how):
         torch.testing.assert_close(graphed([x, weight[:size] if size != 64 else weight])[0], x * weight[:size] + 1)
     assert graphed.failed is None
     assert graphed.records == (2 if how == "invalidate" else 4)
+
+
+def test_inductor_builds_leave_triton_autotuning_to_the_first_run():
+    """standalone_compile turns on ``triton.autotune_at_compile_time`` (benchmarks on generated
+    inputs while compiling); trt_subgraph's builds turn it off, so kernels tune on their first
+    run, on real inputs, as under torch.compile. A post-grad pass reads the setting in effect
+    inside the compile."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from trt_subgraph import _compat
+
+    seen: list[Any] = []
+
+    class ReadSetting(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            seen.append(config.triton.autotune_at_compile_time)
+
+        def uuid(self) -> str:
+            return "read autotune_at_compile_time"
+
+    gm = torch.fx.symbolic_trace(lambda x: torch.relu(x) + 1)
+    with config.patch(post_grad_custom_post_pass=ReadSetting(), force_disable_caches=True):
+        compiled = _compat.standalone_compile(gm, [torch.randn(4)])
+    x = torch.randn(4)
+    out = compiled(x)
+    torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, torch.relu(x) + 1)
+    assert seen == [False]

@@ -140,6 +140,14 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
     inside a TracingContext of that mode exists in torch 2.8 to 2.13 (a ``fake_mode`` argument
     does not before 2.12); None: static example inputs, real ones compiled ``"from_graph"``, fake
     ones copied into a fresh fake mode first (see below).
+
+    Triton kernels autotune at their first run, on the real inputs, as under ``torch.compile``:
+    ``standalone_compile`` turns on ``triton.autotune_at_compile_time``, which benchmarks each
+    kernel's configs during the compile on generated inputs. Measured on an H200 (torch 2.11),
+    that made the encoder block's first build about 1.5 s longer than inductor's compile of the
+    same block, and, run beside the other builds of a graph, picked configs up to 30% slower for
+    the pointwise kernels of repeated blocks (benchmarks/RESULTS.md). ``config_patches`` apply
+    inside that setting (`compile_fx`), so they turn it off again.
     """
     from torch._guards import TracingContext, tracing
     from torch._inductor import standalone_compile as _standalone_compile
@@ -147,6 +155,7 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
 
     on_cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in example_inputs)
     aot = {"aot": True} if aot_artifacts() else {}
+    options = {"config_patches": {"triton.autotune_at_compile_time": False}}
     if fake_mode is None and any(isinstance(x, FakeTensor) for x in example_inputs):
         # Static fake inputs of another fake mode (the caller's aot_autograd trace): torch 2.13
         # copies them into the fresh mode that "from_graph" compiles in; 2.8 to 2.10 assert that
@@ -161,9 +170,11 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
     # the compile's own.
     with pinned_cpu_vec_isa() if on_cpu else contextlib.nullcontext(), unset_fake_temporarily():
         if fake_mode is None:
-            return _standalone_compile(gm, example_inputs, dynamic_shapes="from_graph", **aot)
+            return _standalone_compile(gm, example_inputs, dynamic_shapes="from_graph", options=options, **aot)
         with tracing(TracingContext(fake_mode)):
-            return _standalone_compile(gm, example_inputs, dynamic_shapes="from_tracing_context", **aot)
+            return _standalone_compile(
+                gm, example_inputs, dynamic_shapes="from_tracing_context", options=options, **aot
+            )
 
 
 @functools.cache

@@ -76,7 +76,9 @@ class InductorEngine(Engine):
         return key
 
     def settings(self) -> dict[str, Any]:
-        return {"engine": self.name, "inductor_config": _compat.inductor_config_key()}
+        """Inductor's config, and that Triton kernels autotune at their first run
+        (`trt_subgraph._compat.standalone_compile`): artifacts tuned during the compile are not reused."""
+        return {"engine": self.name, "inductor_config": _compat.inductor_config_key(), "triton_autotune": "first run"}
 
     def start_setup(self, device_types: list[str]) -> None:
         """Inductor's and Triton's source hashes and Triton's driver (`_compat.start_inductor_setup`)."""
