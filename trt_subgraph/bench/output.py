@@ -227,7 +227,7 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
     out += [
         "",
         "Each case runs in a fresh process with empty inductor, triton and trt_subgraph caches. "
-        "*first call* = compile + first run (synchronized); *(warm)* rows are a second process that "
+        "*first call* = the torch.compile call + compile + first run (synchronized); *(warm)* rows are a second process that "
         "reuses only the trt_subgraph disk cache of the cold run; *(saved)* rows are a process with "
         "every cache empty that loads the function another process compiled ahead of time and saved "
         "(trt_subgraph.save / load). *2nd call*: the next call "
