@@ -524,6 +524,22 @@ def test_auto_times_a_1x1_conv_against_the_convolution_itself(available, monkeyp
     assert key.startswith("M128xK32xN64 float16 bias=1") and key.endswith(" conv 2x8x8")
 
 
+@pytest.mark.parametrize("dense_ms, sparse", [(1.09, False), (1.3, True)])
+def test_auto_runs_a_1x1_conv_sparse_only_where_it_pays_for_the_layout_around_it(
+    available, monkeypatch, dense_ms, sparse
+):
+    """A linear needs 1.05x; a convolution 1.25x, which pays for the pointwise kernels around it
+    that the rewrite moves to the permuted layout (`MIN_CONV_SPEEDUP`)."""
+    monkeypatch.setattr(sr, "measure", lambda *args: (dense_ms, 1.0, 3))
+    compiled, info = compile_with_rewrite(convs(), "auto")
+    with torch.no_grad():
+        compiled(torch.randn(2, 32, 8, 8, dtype=torch.float16).to(memory_format=CL))
+    record = by_layer(info["records"])["pw"]
+    assert record["sparse"] is sparse and (OP in ops(info["gm"])) is sparse
+    if not sparse:
+        assert record["reason"] == "measured not faster (needs 1.25x)"
+
+
 def test_a_1x1_conv_of_a_contiguous_input_stays_dense_and_says_why(available):
     compiled, info = compile_with_rewrite(convs(), "on")
     with torch.no_grad():
