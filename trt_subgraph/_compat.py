@@ -143,10 +143,10 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
 
     Triton kernels autotune at their first run, on the real inputs, as under ``torch.compile``:
     ``standalone_compile`` turns on ``triton.autotune_at_compile_time``, which benchmarks each
-    kernel's configs during the compile on generated inputs. Measured on an H200 (torch 2.11),
-    that made the encoder block's first build about 1.5 s longer than inductor's compile of the
-    same block, and, run beside the other builds of a graph, picked configs up to 30% slower for
-    the pointwise kernels of repeated blocks (benchmarks/RESULTS.md). ``config_patches`` apply
+    kernel's configs during the compile on generated inputs, beside the graph's other builds.
+    Measured on an H200 (torch 2.11), the configs it picked for the pointwise kernels of
+    repeated blocks ran up to 30% slower than those picked at the first run (benchmarks/
+    RESULTS.md, *Compile time, kernel tuning and 2:4 convolutions*). ``config_patches`` apply
     inside that setting (`compile_fx`), so they turn it off again.
     """
     from torch._guards import TracingContext, tracing
