@@ -71,7 +71,8 @@ MIN_SPEEDUP = 1.05
 # pointwise kernels that produce its input and read its output then work on the permuted layout;
 # on an H200 (ResNet-like, batch 128, fp16) they cost 8 us more around layer4.0.conv1, whose
 # product alone went from 39.5 to 36.1 us (1.09x), and the forward was slower. 8 us is 20% of the
-# dense time, so sparse must run in 80% of it (benchmarks/RESULTS.md, *2:4 sparsity*).
+# dense time, so sparse must run in 80% of it (benchmarks/RESULTS.md, *Compile time, kernel
+# tuning and 2:4 convolutions*).
 MIN_CONV_SPEEDUP = 1.25
 # cuSPARSELt lists 53 algorithm ids for the row-major product (H100, 0.8), and some of the higher
 # ones crash the CUDA context ("illegal instruction"; the likely reason cusparseLtMatmulSearch
