@@ -417,7 +417,7 @@ def test_a_hugging_face_llama_round_trips_with_portable_guards(tmp_path):
     assert trt_subgraph.last_report().regions["loaded"] is True
 
 
-def test_save_into_a_directory_is_refused(tmp_path):
+def test_save_into_a_directory_or_a_missing_one_is_refused(tmp_path):
     model, inputs = models.build("mlp", width=16, batch=2)
     compiled = aot_compile(model.eval(), inputs)
     target = tmp_path / "deploy"
@@ -425,6 +425,9 @@ def test_save_into_a_directory_is_refused(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory; give the path of the file to write"):
         trt_subgraph.save(compiled, target)
     assert target.is_dir() and not any(target.iterdir())
+    with pytest.raises(FileNotFoundError, match=r"the directory .*missing does not exist; create it first"):
+        trt_subgraph.save(compiled, target / "missing" / "model.tsg")
+    assert not (target / "missing").exists()
 
 
 def test_what_load_cannot_read_says_what_it_is(tmp_path):

@@ -685,7 +685,8 @@ def save(compiled: Any, path: str | os.PathLike, *, key_file: str | os.PathLike 
     ``trt_subgraph.build.BACKGROUND_WAIT_S``), so that the file holds its engines.
 
     Raises TypeError when `compiled` is not such a function, RuntimeError when its graph cannot be
-    saved (see :mod:`trt_subgraph.saved`), IsADirectoryError when `path` is a directory.
+    saved (see :mod:`trt_subgraph.saved`), IsADirectoryError when `path` is a directory,
+    FileNotFoundError when its directory does not exist.
     """
     forward = aot_compiled_backend_result(compiled)
     if not isinstance(forward, CompiledForward):
@@ -696,6 +697,8 @@ def save(compiled: Any, path: str | os.PathLike, *, key_file: str | os.PathLike 
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"trt_subgraph.save: {path} is a directory; give the path of the file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"trt_subgraph.save: the directory {path.parent} does not exist; create it first")
     wait_for_background_builds()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
