@@ -471,3 +471,18 @@ def test_two_gpus_split_the_decoders_builds(tmp_path):
             assert sum(builds) == unique and sum(row["received_per_rank"]) == unique, row
         else:
             assert builds == [unique, unique], row
+
+
+def test_distributed_bench_ranks_import_this_trt_subgraph_whatever_the_working_directory_holds(tmp_path, monkeypatch):
+    """torchrun starts each rank with ``python -m``, which puts the working directory first on
+    the import path; a directory holding another trt_subgraph must not shadow this one."""
+    from trt_subgraph.bench import distributed
+
+    shadow = tmp_path / "checkout"
+    (shadow / "trt_subgraph").mkdir(parents=True)
+    (shadow / "trt_subgraph" / "__init__.py").write_text("raise ImportError('the shadowing checkout was imported')\n")
+    monkeypatch.chdir(shadow)
+    argv = ["--device", "cpu", "--tiny", "--nproc", "2", "--modes", "tp", "--backends", "eager"]
+    assert distributed.main([*argv, "--iters", "2", "--warmup", "1", "--out", str(tmp_path / "out")]) == 0
+    (row,) = json.loads((tmp_path / "out" / "distributed.json").read_text())["rows"]
+    assert row["error"] is None and row["within_tolerance"], row

@@ -60,6 +60,7 @@ from trt_subgraph._compat import functional_all_reduce, raise_recompile_limit
 from trt_subgraph.bench.models import DTYPES, DecoderBlock, _rotate_half, build
 from trt_subgraph.bench.runner import run_in_own_session
 from trt_subgraph.cache.remote import check_url
+from trt_subgraph.workers import import_path
 
 MODES = ("tp", "dp")
 BACKENDS = ("trt_subgraph", "trt_subgraph-alone", "trt_subgraph-remote", "inductor", "reduce-overhead", "eager")
@@ -166,8 +167,13 @@ def run_case(spec: dict[str, Any], nproc: int, timeout: float, log_dir: Path) ->
         "--worker",
         json.dumps({**spec, "caches": tmp}),
     ]
+    # The ranks run ``python -m``, which puts the working directory first on the import path:
+    # they start in the empty temporary directory and import this trt_subgraph (`import_path`),
+    # whatever the caller's working directory holds.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [import_path(), env.get("PYTHONPATH")]))
     try:
-        returncode, stdout, stderr, timed_out, seconds = run_in_own_session(cmd, timeout=timeout)
+        returncode, stdout, stderr, timed_out, seconds = run_in_own_session(cmd, timeout=timeout, env=env, cwd=tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     row["wall_s"] = round(seconds, 3)

@@ -297,16 +297,17 @@ def _signal_session(pid: int, sig: int) -> None:
 
 
 def run_in_own_session(
-    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None
+    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | None = None
 ) -> tuple[int | None, str, str, bool, float]:
     """Run `cmd` to its end in a session of its own, so that a timeout (seconds) stops what it
     started too (compile workers, ranks): (return code, stdout, stderr, timed out, seconds).
     At the timeout the session gets SIGTERM, which launchers such as ``torchrun`` pass on to what
     they started in sessions of their own (its ranks), and SIGKILL :data:`TERM_GRACE_S` seconds
-    later. `env`: the child's whole environment (None: this process's)."""
+    later. `env`: the child's whole environment (None: this process's); `cwd`: its working
+    directory (None: this process's)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
