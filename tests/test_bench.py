@@ -609,6 +609,7 @@ def test_cuda_case_without_cuda_is_an_error_row():
     }
     res = _case.run_case(spec)
     assert res["status"] == "error" and "torch.cuda.is_available() is False" in res["error"]
+    assert res["error"].startswith("build: ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -880,3 +880,20 @@ def test_inductor_weight_variant_is_2_4_ness_where_cusparselt_runs(monkeypatch):
     assert engine.weight_variant(torch.zeros(32, 32, 3, 3, dtype=torch.float16)) is None
     monkeypatch.setattr(sr, "unavailable_reason", lambda device: "no cuSPARSELt")
     assert engine.weight_variant(pruned) is None
+
+
+@pytest.mark.parametrize("mode, reason", [("on", True), ("auto", True), ("off", False)])
+def test_an_engine_without_2_4_kernels_says_so_in_the_report(mode, reason):
+    """The eager engine runs no sparse kernels: with sparsity asked for, the report says why
+    nothing ran sparse instead of listing nothing."""
+    model = twins().float()
+    compiled = torch.compile(model, backend="trt_subgraph", options={"engine": "eager", "sparsity": mode})
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    summary = trt_subgraph.last_report().sparsity
+    assert summary["mode"] == mode
+    if reason:
+        assert summary["reason"] == "the eager engine runs no 2:4 sparse kernels (inductor and tensorrt do)"
+    else:
+        assert "reason" not in summary

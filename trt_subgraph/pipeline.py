@@ -249,6 +249,10 @@ class Compilation:
     def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> dict[str, Any]:
         """Route 2:4 linears and 1x1 convolutions to cuSPARSELt where the engine compiles that op;
         the report's entry."""
+        if self.options.sparsity != "off" and not self.engine.sparse_weights:
+            summary = sparsity_summary(self.options.sparsity, None)
+            summary["reason"] = f"the {self.engine.name} engine runs no 2:4 sparse kernels (inductor and tensorrt do)"
+            return summary
         if not self.engine.supports_sparse_linears or self.options.sparsity == "off":
             return sparsity_summary(self.options.sparsity, None)
         layers = sparse_runtime.rewrite_linears(

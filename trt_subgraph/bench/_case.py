@@ -152,6 +152,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         from trt_subgraph.bench.models import DTYPES
         from trt_subgraph.report import collect
 
+        phase = "build"
         device = spec["device"]
         cuda = device.startswith("cuda")
         if cuda and not torch.cuda.is_available():
