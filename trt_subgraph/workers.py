@@ -52,6 +52,7 @@ __all__ = [
     "pool",
     "shutdown",
     "start",
+    "with_import_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,12 @@ def import_path() -> str:
     working directory, where it is on the path, as an absolute path): with
     :data:`DROP_WORKING_DIRECTORY` the child imports the modules this process imports."""
     return os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
+
+
+def with_import_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a child interpreter that imports what this process imports: ``PYTHONPATH`` is
+    :func:`import_path`, then the ``PYTHONPATH`` `env` held (paths set for that child)."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [import_path(), env.get("PYTHONPATH")]))}
 
 
 def _worker_env() -> dict[str, str]:

@@ -60,7 +60,7 @@ from trt_subgraph._compat import functional_all_reduce, raise_recompile_limit
 from trt_subgraph.bench.models import DTYPES, DecoderBlock, _rotate_half, build
 from trt_subgraph.bench.runner import run_in_own_session
 from trt_subgraph.cache.remote import check_url
-from trt_subgraph.workers import import_path
+from trt_subgraph.workers import with_import_path
 
 MODES = ("tp", "dp")
 BACKENDS = ("trt_subgraph", "trt_subgraph-alone", "trt_subgraph-remote", "inductor", "reduce-overhead", "eager")
@@ -168,10 +168,9 @@ def run_case(spec: dict[str, Any], nproc: int, timeout: float, log_dir: Path) ->
         json.dumps({**spec, "caches": tmp}),
     ]
     # The ranks run ``python -m``, which puts the working directory first on the import path:
-    # they start in the empty temporary directory and import this trt_subgraph (`import_path`),
-    # whatever the caller's working directory holds.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [import_path(), env.get("PYTHONPATH")]))
+    # they start in the empty temporary directory and import this trt_subgraph
+    # (`with_import_path`), whatever the caller's working directory holds.
+    env = with_import_path(dict(os.environ))
     try:
         returncode, stdout, stderr, timed_out, seconds = run_in_own_session(cmd, timeout=timeout, env=env, cwd=tmp)
     finally:

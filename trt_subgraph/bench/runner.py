@@ -47,7 +47,7 @@ from trt_subgraph.bench._case import MARKER
 from trt_subgraph.bench.backends import check_backend
 from trt_subgraph.bench.models import DEFAULTS, DTYPES, MODELS
 from trt_subgraph.options import Options
-from trt_subgraph.workers import DROP_WORKING_DIRECTORY, import_path
+from trt_subgraph.workers import DROP_WORKING_DIRECTORY, with_import_path
 
 # Small sizes so that a CPU-only user sees a result within about a minute.
 CPU_DEFAULTS: dict[str, Any] = {"width": 64, "batch": 2, "seq": 16, "image": 32, "depths": [2, 4]}
@@ -357,8 +357,7 @@ def run_case(
         TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
         TRT_SUBGRAPH_CACHE_DIR=trt_cache_dir,
     )
-    # this trt_subgraph, whatever the working directory holds; then the PYTHONPATH set since
-    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [import_path(), child_env.get("PYTHONPATH")]))
+    child_env = with_import_path(child_env)  # this trt_subgraph, whatever the working directory holds
     code = DROP_WORKING_DIRECTORY + "from trt_subgraph.bench._case import main; sys.exit(main())"
     cmd = [sys.executable, "-c", code, json.dumps(case.spec)]
     try:
