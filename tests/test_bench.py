@@ -573,9 +573,8 @@ def test_add_cli_registers_the_bench_subcommand():
     assert cfg.depths == [2, 4] and cfg.models == ["vit"]
 
 
-def test_sparse_case_prunes_before_the_reference():
-    from trt_subgraph.bench import _case
-
+def _tiny_case(**kw):
+    """The spec of a tiny eager encoder case on the CPU, with `kw` on top."""
     spec = {
         "model": "encoder",
         "model_kwargs": {"depth": 2, "width": 16, "batch": 2, "seq": 4},
@@ -584,10 +583,15 @@ def test_sparse_case_prunes_before_the_reference():
         "dtype": "float32",
         "warmup": 0,
         "repeats": 2,
-        "sparse": True,
         "seed": 0,
     }
-    res = _case.run_case(spec)
+    return {**spec, **kw}
+
+
+def test_sparse_case_prunes_before_the_reference():
+    from trt_subgraph.bench import _case
+
+    res = _case.run_case(_tiny_case(sparse=True))
     assert res["status"] == "ok", res.get("error")
     assert res["pruned_layers"] == 2 * 4  # qkv, proj, fc1, fc2 of each block
     assert res["rel_err"] == 0.0  # the fp32 reference is the pruned model
@@ -996,18 +1000,7 @@ def test_first_call_is_timed_from_the_compile_call(monkeypatch):
         return model, {}
 
     monkeypatch.setattr(backends, "prepare", slow_prepare)
-    res = _case.run_case(
-        {
-            "model": "encoder",
-            "model_kwargs": {"depth": 2, "width": 16, "batch": 2, "seq": 4},
-            "backend": "eager",
-            "device": "cpu",
-            "dtype": "float32",
-            "warmup": 0,
-            "repeats": 2,
-            "seed": 0,
-        }
-    )
+    res = _case.run_case(_tiny_case())
     assert res["status"] == "ok", res.get("error")
     assert res["compile_call_s"] >= 0.4
     assert res["first_call_s"] >= res["compile_call_s"]
