@@ -249,12 +249,11 @@ class Compilation:
     def _apply_sparsity(self, gm: torch.fx.GraphModule, cudagraphs: bool) -> dict[str, Any]:
         """Route 2:4 linears and 1x1 convolutions to cuSPARSELt where the engine compiles that op;
         the report's entry."""
-        if self.options.sparsity != "off" and not self.engine.sparse_weights:
-            summary = sparsity_summary(self.options.sparsity, None)
-            summary["reason"] = f"the {self.engine.name} engine runs no 2:4 sparse kernels (inductor and tensorrt do)"
-            return summary
         if not self.engine.supports_sparse_linears or self.options.sparsity == "off":
-            return sparsity_summary(self.options.sparsity, None)
+            reason = None
+            if self.options.sparsity != "off" and not self.engine.sparse_weights:
+                reason = f"the {self.engine.name} engine runs no 2:4 sparse kernels (inductor and tensorrt do)"
+            return sparsity_summary(self.options.sparsity, None, reason)
         layers = sparse_runtime.rewrite_linears(
             gm,
             self.placeholder_values,
@@ -372,10 +371,11 @@ def cudagraph_blocker(options: Options, inputs: list) -> str | None:
     return "disabled by option" if not options.cudagraphs else runtime.cudagraph_blocker(inputs)
 
 
-def sparsity_summary(mode: str, layers: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """The report's sparsity entry; `layers` None when no linear was analyzed (mode off, engine)."""
+def sparsity_summary(mode: str, layers: list[dict[str, Any]] | None, reason: str | None = None) -> dict[str, Any]:
+    """The report's sparsity entry; `layers` None when no linear was analyzed (mode off, engine),
+    `reason` then why, where the engine runs no 2:4 kernels at all."""
     if layers is None:
-        return {"mode": mode}
+        return {"mode": mode} if reason is None else {"mode": mode, "reason": reason}
     return {
         "mode": mode,
         "eligible": [layer["layer"] for layer in layers if layer["eligible"]],
