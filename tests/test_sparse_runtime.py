@@ -18,6 +18,7 @@ from torch import nn
 import trt_subgraph
 from trt_subgraph import _compat
 from trt_subgraph.backend import _is_weight
+from trt_subgraph.bench import models
 from trt_subgraph.runtime import CUDAGraphForward
 from trt_subgraph.sparse import cusparselt
 from trt_subgraph.sparse import runtime as sr
@@ -892,6 +893,23 @@ def test_an_engine_without_2_4_kernels_says_so_in_the_report(mode, reason):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
     summary = trt_subgraph.last_report().sparsity
+    assert summary["mode"] == mode
+    if reason:
+        assert summary["reason"] == "the eager engine runs no 2:4 sparse kernels (inductor and tensorrt do)"
+    else:
+        assert "reason" not in summary
+
+
+@pytest.mark.parametrize("mode, reason", [("on", True), ("off", False)])
+def test_a_model_of_repeated_blocks_keeps_the_engine_reason_in_its_merged_report(mode, reason):
+    """The regions path merges the reports of its regions; the reason survives the merge."""
+    model, inputs = models.build("encoder", depth=2, width=16, batch=2, seq=4)
+    compiled = torch.compile(model.eval(), backend="trt_subgraph", options={"engine": "eager", "sparsity": mode})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), model(*inputs))
+    report = trt_subgraph.last_report()
+    assert report.regions["path"] == "regions"
+    summary = report.sparsity
     assert summary["mode"] == mode
     if reason:
         assert summary["reason"] == "the eager engine runs no 2:4 sparse kernels (inductor and tensorrt do)"

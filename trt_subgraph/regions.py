@@ -559,7 +559,9 @@ def _merge_reports(engine, engine_reason, method, labels, instances, lowered, sp
     report.subgraphs = list(records.values())
     report.fallback_ops = fallback_ops
     report.torch_executed = torch_executed
-    report.sparsity = pipeline.sparsity_summary(sparsity_mode, layers)
+    # Every region runs the same engine: a reason why it runs nothing sparse is any region's.
+    reason = next((r.report.sparsity.get("reason") for _, r, _ in lowered.values() if r.report.sparsity), None)
+    report.sparsity = pipeline.sparsity_summary(sparsity_mode, layers, reason)
     report.regions = {
         "path": "regions",
         "reason": f"repeated blocks found by {method}",
