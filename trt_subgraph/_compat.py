@@ -625,6 +625,7 @@ def _cpp_compiler() -> str:
     return f"{compiler} {version}"
 
 
+@functools.cache
 def _cpp_compiler_identity() -> str:
     """The C++ compiler as a binary, whatever name reached it (``CXX=g++``, ``/usr/bin/g++``,
     ``c++``): its resolved path and its version banner without gcc's ``COLLECT_GCC=<the name it
