@@ -408,7 +408,7 @@ def test_runs_repeat_the_sweep_round_by_round_and_keep_the_median_first_call(mon
             "status": "ok",
             "wall_s": 0.0,
             "first_call_s": first,
-            "latency_ms_median": first * 10,
+            "latency_ms_median": (first * 7) % 10 + 1,  # not in the order of the first calls
             "latency_ms_p10": 1.0,
             "latency_ms_p90": 100.0,
         }
@@ -437,9 +437,13 @@ def test_runs_repeat_the_sweep_round_by_round_and_keep_the_median_first_call(mon
     assert inductor["first_call_s_runs"] == [5.0, 6.0, 3.0] and inductor["first_call_s"] == 5.0
     assert cold["first_call_s_runs"] == [9.0, 1.0, 2.0] and cold["first_call_s"] == 2.0
     assert warm["first_call_s_runs"] == [7.0, 8.0, 4.0] and warm["first_call_s"] == 7.0
-    assert warm["latency_ms_median"] == 70.0  # every other column is the median run's own
+    assert warm["latency_ms_median"] == 10.0  # every other column is the median run's own
+    # latency moves from process to process: every run's median, and their median
+    assert warm["latency_ms_median_runs"] == [10.0, 7.0, 9.0] and warm["latency_ms_median_of_runs"] == 9.0
+    assert inductor["latency_ms_median_runs"] == [6.0, 3.0, 2.0] and inductor["latency_ms_median_of_runs"] == 3.0
     md = (tmp_path / "results.md").read_text()
     assert "| 2 | trt_subgraph | 2 (1-9) |" in md and "runs 3" in md and "median first call" in md
+    assert "| 9 (7-10) |" in md and "median over the runs" in md
 
 
 def test_a_failing_run_makes_the_row_an_error_row():

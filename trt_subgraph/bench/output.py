@@ -48,6 +48,13 @@ def _first_call(row: dict[str, Any]) -> str:
     return f"{_num(row['first_call_s'])} ({_num(min(runs))}-{_num(max(runs))})"
 
 
+def _latency(row: dict[str, Any]) -> str:
+    runs = row.get("latency_ms_median_runs")
+    if not runs:
+        return _num(row.get("latency_ms_median"))
+    return f"{_num(row['latency_ms_median_of_runs'])} ({_num(min(runs))}-{_num(max(runs))})"
+
+
 def _spread(row: dict[str, Any]) -> str:
     if row.get("latency_ms_p10") is None:
         return ""
@@ -65,7 +72,7 @@ def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
         _series(row),
         _first_call(row),
         _num(row.get("second_call_s")),
-        _num(row.get("latency_ms_median")),
+        _latency(row),
         spread,
         _num(row.get("peak_mem_mb")),
         "" if rel is None else f"{rel:.1e}",
@@ -239,7 +246,8 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         + (
             " With several runs per case (round by round, each a fresh process), a row is the run "
             "with the median first call (of an even count, the faster middle one); the range of all "
-            "runs' first calls is in brackets."
+            "runs' first calls is in brackets. *median* is then the median over the runs of each "
+            "run's median, with their range in brackets; *p10-p90* is the row's run's own."
             if runs > 1
             else ""
         ),

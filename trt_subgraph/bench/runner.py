@@ -583,14 +583,22 @@ def _run_saved(
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from a case's runs: a failed run's row if any failed, else the run with the median
-    first call (the lower middle one of an even count), with every run's first call."""
+    first call (the lower middle one of an even count), with every run's first call. Where each
+    run timed its steady latency (not a size sweep), also every run's median latency
+    (``latency_ms_median_runs``) and their median (``latency_ms_median_of_runs``): per call
+    latency moves from process to process by more than it moves within one."""
     if len(runs) == 1:
         return runs[0]
     for i, run in enumerate(runs, start=1):
         if run.get("status") != "ok":
             return {**run, "error": f"run {i} of {len(runs)}: {run.get('error', '')}"}
     median = sorted(runs, key=lambda r: r["first_call_s"])[(len(runs) - 1) // 2]
-    return {**median, "first_call_s_runs": [r["first_call_s"] for r in runs]}
+    row = {**median, "first_call_s_runs": [r["first_call_s"] for r in runs]}
+    latencies = [r.get("latency_ms_median") for r in runs]
+    if None not in latencies:
+        row["latency_ms_median_runs"] = latencies
+        row["latency_ms_median_of_runs"] = sorted(latencies)[(len(latencies) - 1) // 2]
+    return row
 
 
 def expand(row: dict[str, Any]) -> list[dict[str, Any]]:
