@@ -527,6 +527,7 @@ def test_cpu_defaults_are_small_and_cuda_defaults_are_the_gpu_benchmark_sizes():
         (["--trt-options", "engine"], "expected key=value pairs"),
         (["--device", "tpu"], "allowed: cpu, cuda, cuda:N"),
         (["--runs", "0"], "runs must be >= 1"),
+        (["--models", "mlp", "--depths", "2,4"], "--depths does not apply to mlp"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
@@ -955,6 +956,21 @@ def test_size_sweep_rows_per_size_median_run_by_summed_first_calls_and_tables(mo
 
     with pytest.raises(ValueError, match="batches differs"):  # another call order: other first calls
         runner.run_sweep(dataclasses.replace(cfg, batches=[2, 1], append=True))
+
+
+@pytest.mark.parametrize("statuses, rc", [(["error", "timeout"], 1), (["error", "ok"], 0)])
+def test_the_bench_exits_1_only_when_every_case_failed(monkeypatch, capsys, statuses, rc):
+    results = iter(statuses)
+
+    def fake_run_case(case, *, trt_cache_dir, timeout, log_file=None, env=None):
+        status = next(results)
+        row = {"model": case.model, "depth": case.depth, "backend": case.backend, "variant": case.variant}
+        return {**row, "status": status, "wall_s": 0.0, "first_call_s": 1.0, "error": "" if status == "ok" else "boom"}
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    argv = ["--models", "encoder", "--backends", "eager,inductor", "--depths", "2", "--device", "cpu"]
+    assert cli.main(argv) == rc
+    assert ("every case failed" in capsys.readouterr().err) == (rc == 1)
 
 
 def test_failed_size_sweep_case_keeps_the_sizes_it_did():

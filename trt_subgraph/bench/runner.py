@@ -152,6 +152,8 @@ class Config:
                 raise ValueError(f"{key} must be >= {least}, got {v}")
         if self.depths is not None and any(d < 1 for d in self.depths):
             raise ValueError(f"depths must be positive, got {self.depths}")
+        if self.depths is not None and set(self.models) == {"mlp"}:
+            raise ValueError("--depths does not apply to mlp (a plain MLP, nothing repeated): drop --depths")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
         if self.trt_options:

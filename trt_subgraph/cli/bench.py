@@ -27,6 +27,9 @@ examples:
 
 backends: eager, inductor, reduce-overhead, regional (each repeated block compiled alone with
 inductor), trt_subgraph, torch_tensorrt (if installed), compile:<name> (any torch.compile backend).
+
+exit status: 0 when at least one case ran (a failed case is a row with its error), 1 when every
+case failed, 2 on bad arguments.
 """
 
 
@@ -294,7 +297,8 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep, print the table; 2 on bad arguments, else 0 (failed cases are rows)."""
+    """Run the sweep, print the table; 2 on bad arguments, 1 when every case failed, else 0
+    (a failed case is a row: one backend that is not installed does not fail a sweep)."""
     command = getattr(args, "bench_command", None) or f"trt-subgraph {shlex.join(sys.argv[1:])}"
     try:
         cfg = config_from_args(args, command)
@@ -313,6 +317,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(output.terminal_table(data))
+    if data["results"] and not any(row.get("status") == "ok" for row in data["results"]):
+        print("error: every case failed (the rows above give each error)", file=sys.stderr)
+        return 1
     return 0
 
 
