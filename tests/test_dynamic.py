@@ -232,15 +232,49 @@ def test_detached_inputs_keep_relations_ranges_and_hints_on_their_own_shape_env(
     p, q = values["p"], values["q"]
     with fake_mode:
         x = torch.empty(p, q * 2, 4)
-    detached = symbolic.detach([x, p * q, 7])
-    dx, dpq, seven = detached.inputs
-    assert seven == 7
+    detached = symbolic.detach([x, p * q, 7, q])  # q, an input by itself: its value is there to read
+    dx, dpq, seven, dq = detached.inputs
+    assert seven == 7 and dq.node.expr == next(iter(dx.shape[1].node.expr.free_symbols))
     assert dx.shape[0].node.shape_env is detached.shape_env is not p.node.shape_env
     d0, d1 = dx.shape[0].node.expr, next(iter(dx.shape[1].node.expr.free_symbols))
     assert dx.shape[1].node.expr == 2 * d1 and dpq.node.expr == d0 * d1
     assert (dx.shape[0].node.hint, dx.shape[1].node.hint, dx.shape[2]) == (3, 10, 4)
     assert detached.shape_env.var_to_range[d0].lower == 2
     assert detached.added_guards() is None  # nothing assumed yet
+
+
+def test_a_size_over_a_symbol_no_input_holds_becomes_a_symbol_with_its_range():
+    """Behind a strided convolution the height is (h - 1)//2 + 1 and h is no input's size: the
+    compiled piece could not read h, so the expression gets a symbol of its own."""
+    fake_mode, values = _shape_env_values({"b": 3, "h": 9})
+    b, h = values["b"], values["h"]
+    with fake_mode:
+        x = torch.empty(b, 8, (h - 1) // 2 + 1, (h - 1) // 2 + 1)
+        y = torch.empty(b, (h - 1) // 2 + 1)
+    detached = symbolic.detach([x, y])
+    dx, dy = detached.inputs
+    d0, d1 = dx.shape[0].node.expr, dx.shape[2].node.expr
+    assert d0.is_Symbol and d1.is_Symbol and d0 != d1
+    assert dx.shape[3].node.expr == d1 and dy.shape[1].node.expr == d1  # one symbol per expression
+    assert dx.stride()[1].node.expr == d1**2 and dx.shape[2].node.hint == 5  # (9 - 1)//2 + 1
+    bounds = detached.shape_env.var_to_range[d1]
+    assert (bounds.lower, bounds.upper) == (1, (sys.maxsize - 1) // 2 + 1)  # h in 2..maxsize
+    assert set(detached.shape_env.var_to_range) == {d0, d1}  # h itself is gone
+
+
+def test_dynamic_conv_blocks_behind_strided_convolutions_build_and_match_eager():
+    def block(c_in, c_out, stride=1):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(block(3, 8), block(8, 8), block(8, 8, 2), block(8, 8)).eval()
+    fn = compiled(model, dynamic=True, build_workers=0)
+    with torch.no_grad():
+        for batch, height, width in [(2, 16, 16), (1, 17, 13), (3, 9, 20)]:
+            x = torch.randn(batch, 3, height, width)
+            torch.testing.assert_close(fn(x), model(x), rtol=1e-4, atol=1e-5)
+    totals = trt_subgraph.last_report().totals
+    assert totals["fallbacks"] == 0 and totals["builds"] == totals["unique_subgraphs"], totals
 
 
 # ------------------------------------------------------------------ guards a build adds

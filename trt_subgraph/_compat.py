@@ -73,6 +73,7 @@ __all__ = [
     "detect_fake_mode",
     "dynamo_static_input",
     "erase_nodes",
+    "expression_range",
     "fp32_precision_in_effect",
     "fresh_shape_env",
     "fuse_as_graphmodule",
@@ -208,6 +209,14 @@ def create_size_symbol(shape_env: Any, name: str, hint: int, bounds: Any) -> Any
     )
     shape_env.constrain_symbol_range(symbol, bounds.lower, bounds.upper)
     return symbol
+
+
+def expression_range(expr: Any, shape_env: Any) -> Any:
+    """The value range (a ValueRanges) of a size expression over `shape_env`'s symbols, from
+    their ranges (``torch.utils._sympy.value_ranges.bound_sympy``)."""
+    from torch.utils._sympy.value_ranges import bound_sympy
+
+    return bound_sympy(expr, {symbol: shape_env.var_to_range[symbol] for symbol in expr.free_symbols})
 
 
 def symbol_hint(shape_env: Any, symbol: Any) -> int | None:

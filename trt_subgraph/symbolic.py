@@ -9,6 +9,13 @@ that share ``s0`` share its fresh symbol. Ranges and relations are what the fing
 the hints (the sizes of the call that compiled) only steer choices that hold for every size,
 such as tile sizes.
 
+A compiled piece reads its symbols' values from its inputs, so each must be some input's size,
+stride or SymInt by itself. Behind a strided convolution, for one, the piece's input is
+``(s0 - 1)//2 + 1`` high and ``s0`` is no input's size; inductor then fails (``expected [s0] to
+have been codegen-ed``). Such an expression becomes a fresh symbol of its own, with the range
+the expression has: the piece is compiled for every size in that range, which holds the sizes
+the expression can take.
+
 A compile may still assume more than that, by guarding on a size: inductor's C++ code, for one,
 picks its summation for reductions of at most 4096 elements and guards on it. Such conditions
 are not in the fingerprint, so :meth:`Detached.added_guards` hands them back as a Python
@@ -71,26 +78,47 @@ def detach(example_inputs: list[Any]) -> Detached:
     """Copies of `example_inputs` (fake tensors and SymInts of Dynamo's ShapeEnv, or plain
     values) on a fresh ShapeEnv: each size symbol becomes a new one (``d0``, ``d1``, ... in order
     of first appearance) with the same value range and hint; sizes, strides and SymInt inputs
-    become the same expressions over the new symbols. Tensors keep dtype and device (storage
-    offset 0). Raises ValueError for a symbol without a hint (an unbacked, data-dependent size).
+    become the same expressions over the new symbols. A size or SymInt input over a symbol that
+    no input holds by itself becomes a new symbol of its own, with the expression's range and
+    value (equal expressions share it). Tensors keep dtype and device (storage offset 0). Raises
+    ValueError for a symbol without a hint (an unbacked, data-dependent size).
     """
     fake_mode, shape_env = _compat.fresh_shape_env()
-    fresh: dict[sympy.Symbol, sympy.Symbol] = {}
+    fresh: dict[sympy.Symbol, sympy.Symbol] = {}  # Dynamo's symbols
+    standalone: dict[sympy.Expr, sympy.Symbol] = {}  # expressions over symbols no input holds
     hints: dict[sympy.Symbol, sympy.Integer] = {}
+    sizes = [
+        s
+        for value in example_inputs
+        for s in ((*value.shape, *value.stride()) if isinstance(value, torch.Tensor) else (value,))
+        if isinstance(s, torch.SymInt)
+    ]
+    bound = {s.node.expr for s in sizes if s.node.expr.is_Symbol}
+
+    def new_symbol(expr: Any, source_env: Any, bounds: Any) -> sympy.Symbol:
+        values = {}
+        for symbol in expr.free_symbols:
+            if (hint := _compat.symbol_hint(source_env, symbol)) is None:
+                raise ValueError(f"size symbol {symbol} has no hint (an unbacked, data-dependent size)")
+            values[symbol] = hint
+        hint = int(expr.xreplace(values))
+        new = _compat.create_size_symbol(shape_env, f"d{len(hints)}", hint, bounds)
+        hints[new] = sympy.Integer(hint)
+        return new
 
     def convert(size: Any) -> Any:
         if not isinstance(size, torch.SymInt):
             return size
         expr, source_env = size.node.expr, size.node.shape_env
-        for symbol in sorted(expr.free_symbols, key=str):
-            if symbol in fresh:
-                continue
-            hint = _compat.symbol_hint(source_env, symbol)
-            if hint is None:
-                raise ValueError(f"size symbol {symbol} has no hint (an unbacked, data-dependent size)")
-            new = _compat.create_size_symbol(shape_env, f"d{len(fresh)}", hint, source_env.var_to_range[symbol])
-            fresh[symbol], hints[new] = new, sympy.Integer(hint)
-        new_expr = expr.xreplace(fresh)
+        # Dynamo's symbols outside the standalone sizes it holds (a stride over a standalone
+        # size keeps the relation)
+        rest = expr.xreplace(dict.fromkeys(standalone, sympy.Integer(1))).free_symbols
+        if not rest <= bound:
+            standalone[expr] = new_symbol(expr, source_env, _compat.expression_range(expr, source_env))
+        else:
+            for symbol in sorted(rest - set(fresh), key=str):
+                fresh[symbol] = new_symbol(symbol, source_env, source_env.var_to_range[symbol])
+        new_expr = expr.xreplace({**standalone, **fresh})  # at once: both sides' names may coincide
         return shape_env.create_symintnode(new_expr, hint=int(new_expr.xreplace(hints)))
 
     inputs: list[Any] = []
