@@ -441,6 +441,8 @@ def test_engine_build_failure_falls_back_with_a_warning(monkeypatch, caplog):
     report = trt_subgraph.last_report()
     assert {s.status for s in report.subgraphs} == {"fallback"}
     assert "no kernel for you" in caplog.text and "running it in PyTorch" in caplog.text
+    failed = report.totals["fallbacks"]
+    assert failed == len(report.subgraphs) and f"fallbacks {failed}, fallback nodes" in str(report)
 
 
 def test_engine_failure_at_run_time_falls_back(monkeypatch, caplog):

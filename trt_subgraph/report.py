@@ -136,8 +136,8 @@ class Report:
             )
         lines.append(
             f"unique subgraphs {t['unique_subgraphs']}, builds {t['builds']}, reuses {t['reuses']}, "
-            f"memory hits {t['memory_hits']}, disk hits {t['disk_hits']}, remote hits {t['remote_hits']}, loaded {t['loads']}, fallback nodes "
-            f"{t['fallback_nodes']}, compile {t['compile_s']:.3f} s"
+            f"memory hits {t['memory_hits']}, disk hits {t['disk_hits']}, remote hits {t['remote_hits']}, loaded {t['loads']}, "
+            f"fallbacks {t['fallbacks']}, fallback nodes {t['fallback_nodes']}, compile {t['compile_s']:.3f} s"
             + (f", received from other ranks {t['received']}" if t["received"] else "")
         )
         if self.fallback_ops:

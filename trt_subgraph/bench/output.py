@@ -77,9 +77,17 @@ def cells(row: dict[str, Any], err_width: int = 70) -> list[str]:
         _num(row.get("peak_mem_mb")),
         "" if rel is None else f"{rel:.1e}",
         trt,
-        "" if not totals else str(totals.get("fallback_nodes", "?")),
+        _fallback(totals),
         _status(row, err_width),
     ]
+
+
+def _fallback(totals: dict[str, Any]) -> str:
+    """Nodes run in PyTorch, and the subgraphs whose engine failed to build (they run in PyTorch)."""
+    if not totals:
+        return ""
+    nodes, failed = str(totals.get("fallback_nodes", "?")), totals.get("fallbacks", 0)
+    return nodes if not failed else f"{nodes} + {failed} subgraph{'s' * (failed > 1)}"
 
 
 def sweep_columns(dim: str) -> tuple[str, ...]:
@@ -242,7 +250,8 @@ def markdown(data: dict[str, Any], images: Iterable[str] = ()) -> str:
         f"*p10-p90*: latency of steady-state calls after warmup ({timer}). *peak MB*: {mem}. *rel err*: "
         "‖y − ref‖ / ‖ref‖ in fp32 against an fp32 eager run of the same weights and inputs (worst of "
         "the first and a steady-state call). *uniq/builds/reuses*, *fallback*: trt_subgraph's report "
-        "totals (unique subgraphs, engine builds, reuses, nodes run in PyTorch)."
+        "totals (unique subgraphs, engine builds, reuses; nodes run in PyTorch, + the subgraphs whose "
+        "engine failed to build, which run in PyTorch too)."
         + (
             " With several runs per case (round by round, each a fresh process), a row is the run "
             "with the median first call (of an even count, the faster middle one); the range of all "
