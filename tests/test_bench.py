@@ -441,6 +441,8 @@ def test_runs_repeat_the_sweep_round_by_round_and_keep_the_median_first_call(mon
     # latency moves from process to process: every run's median, and their median
     assert warm["latency_ms_median_runs"] == [10.0, 7.0, 9.0] and warm["latency_ms_median_of_runs"] == 9.0
     assert inductor["latency_ms_median_runs"] == [6.0, 3.0, 2.0] and inductor["latency_ms_median_of_runs"] == 3.0
+    two = runner.combine([{**warm, "first_call_s": 1.0, "latency_ms_median": 1.0}, {**warm, "latency_ms_median": 4.0}])
+    assert two["latency_ms_median_of_runs"] == 2.5  # of an even count, the mean of the middle two
     md = (tmp_path / "results.md").read_text()
     assert "| 2 | trt_subgraph | 2 (1-9) |" in md and "runs 3" in md and "median first call" in md
     assert "| 9 (7-10) |" in md and "median over the runs" in md
@@ -528,11 +530,26 @@ def test_cpu_defaults_are_small_and_cuda_defaults_are_the_gpu_benchmark_sizes():
         (["--device", "tpu"], "allowed: cpu, cuda, cuda:N"),
         (["--runs", "0"], "runs must be >= 1"),
         (["--models", "mlp", "--depths", "2,4"], "--depths does not apply to mlp"),
+        (["--timeout", "inf"], "timeout must be a positive number of seconds, got inf"),
+        (["--timeout", "nan"], "timeout must be a positive number of seconds, got nan"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_or_appended_to_exits_2_before_any_case(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(runner, "run_case", lambda *a, **k: pytest.fail("a case ran"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = ["--models", "mlp", "--backends", "eager", "--device", "cpu"]
+    assert cli.main([*argv, "--out", str(a_file)]) == 2
+    assert f"--out {a_file}: cannot make that folder" in capsys.readouterr().err
+    for text in ('{"meta": {}, "results": 5}', "{not json"):
+        (tmp_path / "results.json").write_text(text)
+        assert cli.main([*argv, "--out", str(tmp_path), "--append"]) == 2
+        assert "results.json is not a results file of this tool" in capsys.readouterr().err
 
 
 def test_trt_options_are_parsed_with_types():
@@ -971,6 +988,15 @@ def test_the_bench_exits_1_only_when_every_case_failed(monkeypatch, capsys, stat
     argv = ["--models", "encoder", "--backends", "eager,inductor", "--depths", "2", "--device", "cpu"]
     assert cli.main(argv) == rc
     assert ("every case failed" in capsys.readouterr().err) == (rc == 1)
+
+
+def test_the_fallback_column_counts_subgraphs_that_failed_to_build():
+    row = {"model": "encoder", "backend": "trt_subgraph", "status": "ok"}
+    totals = {"unique_subgraphs": 4, "builds": 3, "reuses": 0, "fallback_nodes": 2}
+    fallback = output.COLUMNS.index("fallback")
+    assert output.cells({**row, "trt_totals": {**totals, "fallbacks": 0}})[fallback] == "2"
+    assert output.cells({**row, "trt_totals": {**totals, "fallbacks": 1}})[fallback] == "2 + 1 subgraph"
+    assert output.cells(row)[fallback] == ""  # not a trt_subgraph row
 
 
 def test_failed_size_sweep_case_keeps_the_sizes_it_did():

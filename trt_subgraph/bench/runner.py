@@ -29,10 +29,12 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -154,8 +156,8 @@ class Config:
             raise ValueError(f"depths must be positive, got {self.depths}")
         if self.depths is not None and set(self.models) == {"mlp"}:
             raise ValueError("--depths does not apply to mlp (a plain MLP, nothing repeated): drop --depths")
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if not (0 < self.timeout < math.inf):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
         if self.trt_options:
             Options.from_user(self.trt_options)  # a bad option fails here, not in every case process
         if self.bytecode not in BYTECODE_MODES:
@@ -599,7 +601,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = [r.get("latency_ms_median") for r in runs]
     if None not in latencies:
         row["latency_ms_median_runs"] = latencies
-        row["latency_ms_median_of_runs"] = sorted(latencies)[(len(latencies) - 1) // 2]
+        row["latency_ms_median_of_runs"] = statistics.median(latencies)
     return row
 
 
@@ -633,7 +635,7 @@ def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
     stream = sys.stderr if stream is None else stream
     previous = None
     if cfg.append and cfg.out is not None and (cfg.out / "results.json").exists():
-        previous = json.loads((cfg.out / "results.json").read_text())
+        previous = _earlier_results(cfg.out / "results.json")
         check_appendable(previous["meta"]["config"], _config_dict(cfg))  # before hours of work
     started = datetime.datetime.now(datetime.timezone.utc)
     meta: dict[str, Any] = {
@@ -669,6 +671,17 @@ def run_sweep(cfg: Config, stream: IO[str] | None = None) -> dict[str, Any]:
 
 def _config_dict(cfg: Config) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _earlier_results(path: Path) -> dict[str, Any]:
+    """The results file that --append adds to; ValueError when it is not one this tool wrote."""
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data["meta"]["config"], dict) and isinstance(data["results"], list):
+            return data
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--append: {path} is not a results file of this tool ({type(e).__name__}: {e})") from None
+    raise ValueError(f"--append: {path} is not a results file of this tool (no meta.config or results list)")
 
 
 def check_appendable(old: dict[str, Any], new: dict[str, Any]) -> None:

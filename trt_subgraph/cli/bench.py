@@ -311,6 +311,12 @@ def run(args: argparse.Namespace) -> int:
     if cfg.append and cfg.out is None:
         print("error: --append needs --out", file=sys.stderr)
         return 2
+    if cfg.out is not None:
+        try:  # before the first case, whose results would otherwise have nowhere to go
+            cfg.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --out {cfg.out}: cannot make that folder ({e.strerror or e})", file=sys.stderr)
+            return 2
     try:
         data = run_sweep(cfg)
     except ValueError as e:  # --append onto incompatible results
