@@ -171,6 +171,33 @@ def test_export_refuses_an_empty_output_directory(tmp_path, monkeypatch, capsys)
     assert not any(tmp_path.iterdir())  # nothing written into the current directory
 
 
+def test_export_bad_arguments_and_failing_factories_exit_2_without_a_traceback(tmp_path, monkeypatch, capsys):
+    (tmp_path / "export_factories.py").write_text(
+        textwrap.dedent("""
+        from trt_subgraph.bench import models
+
+        def make():
+            return models.build("mlp", width=16, batch=2)
+
+        def boom():
+            raise RuntimeError("no model today")
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    onnx = str(tmp_path / "onnx")
+    cases = [
+        (["--onnx", onnx, "--model", "export_factories:make", "--min-block-size", "0"], "'min_block_size' must be"),
+        (["--onnx", onnx, "--model", "export_factories:boom"], "export_factories:boom raised RuntimeError: no model"),
+        (["--onnx", str(a_file), "--model", "export_factories:make"], f"--onnx {a_file}: cannot make that folder"),
+    ]
+    for argv, message in cases:
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("xdg", ["relative/xdg", "absolute"])
 def test_backend_and_cache_command_agree_on_the_default_cache_dir(tmp_path, monkeypatch, xdg):
     """One definition; a relative XDG_CACHE_HOME is invalid (XDG spec) and ignored by both."""

@@ -21,7 +21,10 @@ the commands that build an engine with trt_refit.py (written next to the files) 
 of it per instance (TensorRT's ONNX refitter, which matches initializers by name).
 
 The factory is called without arguments and returns (model, example_inputs); its module is
-looked up on the import path and in the current directory."""
+looked up on the import path and in the current directory.
+
+Exit status: 0 when written; 2 on bad arguments, an --onnx that cannot be made a folder, or a
+factory that fails; 3 when compiling or exporting the model fails."""
 
 
 def add_cli(subparsers: Any) -> None:
@@ -68,6 +71,7 @@ def model_and_inputs(spec: str) -> tuple[Any, tuple]:
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_onnx
+    from ..options import Options
 
     if not args.onnx.strip():
         print(
@@ -75,14 +79,34 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    out = Path(args.onnx)
     try:
+        Options.from_user({"min_block_size": args.min_block_size})
+        out.mkdir(parents=True, exist_ok=True)
         model, inputs = model_and_inputs(args.model)
-        index = export_onnx(
-            model, *inputs, out_dir=Path(args.onnx), opset=args.opset, min_block_size=args.min_block_size
+    except OSError as exc:
+        print(
+            f"trt-subgraph export: error: --onnx {out}: cannot make that folder ({exc.strerror or exc})",
+            file=sys.stderr,
         )
+        return 2
     except (ValueError, TypeError, ImportError) as exc:
         print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # the user's factory raised
+        print(f"trt-subgraph export: error: {args.model} raised {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        index = export_onnx(model, *inputs, out_dir=out, opset=args.opset, min_block_size=args.min_block_size)
+    except (ValueError, TypeError) as exc:
+        print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the arguments were checked: the model failed
+        print(
+            f"trt-subgraph export: compiling or exporting the model failed: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 3
     for entry in index["subgraphs"]:
         weights = sum(name.startswith("w_") for name in entry["initializers"])
         paths = ", ".join(i["module_path"] or "(model)" for i in entry["instance_weights"])
