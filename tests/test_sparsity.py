@@ -462,6 +462,44 @@ def test_dynamo_exported_onnx_rows_are_named_like_the_module(tmp_path):
     assert [r.pattern_ok for r in onnx_rows] == [r.pattern_ok for r in mod_rows] == [False, True] + [False] * 3 + [True]
 
 
+def test_check_onnx_reads_weights_fed_through_a_transpose_as_export_onnx_writes_them(tmp_path):
+    pytest.importorskip("onnxscript", reason="export_onnx needs torch.onnx's dynamo exporter")
+    import onnx
+    from onnx import helper
+
+    from trt_subgraph.export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    prune_2_4(model, layers=["0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = export_onnx(model, torch.randn(4, 32), out_dir=tmp_path / "onnx")
+    (entry,) = index["subgraphs"]
+    path = tmp_path / "onnx" / entry["file"]
+    assert "Transpose" in {n.op_type for n in onnx.load(str(path)).graph.node}  # what the rows come from
+    rows = sp.check_onnx(path).rows
+    assert [(r.shape, r.pattern_ok) for r in rows] == [((64, 32), True), ((32, 64), False)]
+
+    # the same weight as MatMul B through a Transpose, and a Transpose that is not 2-D's swap
+    w = torch.randn(8, 16)
+    w[:, 1::2] = 0  # 2:4 along the input dim of (out, in)
+    init = onnx.numpy_helper.from_array(w.numpy(), "w")
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+        [init],
+    )
+    (row,) = sp.check_onnx(helper.make_model(graph)).rows
+    assert row.pattern_ok and row.shape == (8, 16)
+
+
 def test_check_onnx_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError):
         sp.check_onnx(tmp_path / "missing.onnx")

@@ -540,8 +540,10 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
     to TensorRT.
 
     Covers Conv W (axis 1 = C, `group` attribute), Gemm B (reduction axis 1 when transB, else 0)
-    and 2-D MatMul B (reduction axis 0), when that input is an initializer or Constant, or the
-    output of a DequantizeLinear of one (Q/DQ INT8 models: the integer weights are checked).
+    and 2-D MatMul B (reduction axis 0), when that input is an initializer or Constant, the
+    output of a DequantizeLinear of one (Q/DQ INT8 models: the integer weights are checked), or
+    a 2-D Transpose of either (as ATen's ``t`` exports a linear's weight, trt_subgraph's
+    ``export_onnx`` included: the constant is then checked in its own layout).
     Rows follow the graph's node order; a weight shared by several nodes is reported once. A row
     is named after the weight's source: a constant that torch.onnx's optimizer folded (the
     transposed weight of a MatMul, named ``val_N``) is traced back to the initializer it was
@@ -555,6 +557,7 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
     sources = _folded_sources(model)
     consts: dict[str, Any] = {t.name: t for t in graph.initializer}
     dequant: dict[str, str] = {}
+    transposed: dict[str, str] = {}  # output of a 2-D Transpose -> its input
     for node in graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
@@ -562,6 +565,10 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
                     consts[node.output[0]] = helper.get_attribute_value(a)
         elif node.op_type == "DequantizeLinear" and node.input:
             dequant[node.output[0]] = node.input[0]
+        elif node.op_type == "Transpose" and node.input:
+            perm = [list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"]
+            if perm in ([], [[1, 0]]):  # no perm: the axes reversed (of a 2-D tensor, [1, 0])
+                transposed[node.output[0]] = node.input[0]
 
     dtypes = _onnx_to_torch_dtypes()
     seen: set[str] = set()
@@ -569,13 +576,15 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        src = dequant.get(node.input[1], node.input[1])
+        flip = node.input[1] in transposed and node.op_type != "Conv"
+        weight_input = transposed[node.input[1]] if flip else node.input[1]
+        src = dequant.get(weight_input, weight_input)
         if src not in consts or src in seen:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         tensor = consts[src]
-        if node.op_type == "MatMul" and len(tensor.dims) != 2:
-            log.debug("skipped MatMul weight %r: %d-D, not 2-D", src, len(tensor.dims))
+        if (node.op_type == "MatMul" or flip) and len(tensor.dims) != 2:
+            log.debug("skipped %s weight %r: %d-D, not 2-D", node.op_type, src, len(tensor.dims))
             continue
         weight = _tensor_to_torch(src, tensor, dtypes)
         if weight is None:
@@ -584,10 +593,10 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
         name = _layer_name(sources.get(src, src))
         if node.op_type == "Conv":
             rows.append(analyze_weight(weight, kind="conv", name=name, groups=int(attrs.get("group", 1))))
-        elif node.op_type == "Gemm":
-            rows.append(analyze_weight(weight, kind="gemm", name=name, trans_b=bool(attrs.get("transB", 0))))
-        else:
-            rows.append(analyze_weight(weight, kind="matmul", name=name))
+        elif node.op_type == "Gemm":  # B = W^T with transB is B = W without it
+            rows.append(analyze_weight(weight, kind="gemm", name=name, trans_b=bool(attrs.get("transB", 0)) != flip))
+        else:  # MatMul B = W^T: W is (out, in), a linear's weight
+            rows.append(analyze_weight(weight, kind="linear" if flip else "matmul", name=name))
     return SparsityTable(rows)
 
 
