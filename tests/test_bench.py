@@ -531,6 +531,10 @@ def test_cpu_defaults_are_small_and_cuda_defaults_are_the_gpu_benchmark_sizes():
         (["--runs", "0"], "runs must be >= 1"),
         (["--models", "mlp", "--depths", "2,4"], "--depths does not apply to mlp"),
         (["--timeout", "inf"], "timeout must be a positive number of seconds, got inf"),
+        (["--width", "0"], "width must be a positive int, got 0"),
+        (["--batch", "-1"], "batch must be a positive int, got -1"),
+        (["--depths", ""], "--depths must be comma-separated positive ints"),
+        (["--models", ""], "no models given"),
         (["--timeout", "nan"], "timeout must be a positive number of seconds, got nan"),
     ],
 )

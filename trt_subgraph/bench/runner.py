@@ -152,6 +152,10 @@ class Config:
             v = getattr(self, key)
             if v < least:
                 raise ValueError(f"{key} must be >= {least}, got {v}")
+        for key in SIZE_KEYS:
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{key} must be a positive int, got {v!r}")
         if self.depths is not None and any(d < 1 for d in self.depths):
             raise ValueError(f"depths must be positive, got {self.depths}")
         if self.depths is not None and set(self.models) == {"mlp"}:

@@ -263,13 +263,13 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    models = _csv(args.models) if args.models else ([] if args.model else ["encoder"])
+    models = _csv(args.models) if args.models is not None else ([] if args.model else ["encoder"])
     return Config(
         models=models + list(args.model),
         backends=_csv(args.backends),
         device=device,
         dtype=args.dtype or ("float16" if cuda else "float32"),
-        depths=_depths(args.depths) if args.depths else None,
+        depths=_depths(args.depths) if args.depths is not None else None,
         width=args.width,
         batch=args.batch,
         seq=args.seq,
