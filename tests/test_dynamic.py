@@ -277,6 +277,24 @@ def test_dynamic_conv_blocks_behind_strided_convolutions_build_and_match_eager()
     assert totals["fallbacks"] == 0 and totals["builds"] == totals["unique_subgraphs"], totals
 
 
+def test_a_symbolic_build_never_takes_another_compiles_code_from_inductors_cache():
+    """Two strided convolutions without padding: the first call's sizes leave the second conv's
+    output 1 high, so its piece is compiled with guards; Dynamo recompiles at a larger size and
+    the same piece builds again. Inductor's own cache held the first compile's code, and a hit
+    there added no guards: the second graph ran it unguarded and was wrong."""
+
+    def block(c_in, c_out, stride=1, padding=1):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(block(3, 8, 2, 0), block(8, 8, 2, 0), block(8, 8), block(8, 8)).eval()
+    fn = compiled(model, dynamic=True, build_workers=0)
+    with torch.no_grad():
+        for batch, height, width in [(2, 9, 20), (2, 64, 48), (2, 33, 31)]:
+            x = torch.randn(batch, 3, height, width)
+            torch.testing.assert_close(fn(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ guards a build adds
 
 

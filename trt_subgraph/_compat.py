@@ -17,6 +17,7 @@ import re
 import tempfile
 import threading
 import types
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -172,10 +173,31 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
     with pinned_cpu_vec_isa() if on_cpu else contextlib.nullcontext(), unset_fake_temporarily():
         if fake_mode is None:
             return _standalone_compile(gm, example_inputs, dynamic_shapes="from_graph", options=options, **aot)
-        with tracing(TracingContext(fake_mode)):
+        with tracing(TracingContext(fake_mode)), _unshared_inductor_cache_keys():
             return _standalone_compile(
                 gm, example_inputs, dynamic_shapes="from_tracing_context", options=options, **aot
             )
+
+
+@contextlib.contextmanager
+def _unshared_inductor_cache_keys() -> Iterator[None]:
+    """For a compile on symbolic sizes: keys of inductor's own caches (FX graph, AOTAutograd)
+    that no other compile has, so neither serves it. A hit there returns another compile's code
+    without adding the size guards that code assumed to this compile's ShapeEnv: the artifact
+    would run unguarded on sizes it is wrong for. trt_subgraph's cache keeps every artifact with
+    its guards. ``torch.compiler.config.cache_key_tag`` enters both keys (torch >= 2.7); where it
+    is missing, both caches are off for the compile (its artifact then cannot be saved)."""
+    from torch.compiler import config as compiler_config
+
+    if hasattr(compiler_config, "cache_key_tag"):
+        with compiler_config.patch(cache_key_tag=f"trt_subgraph symbolic build {uuid.uuid4().hex}"):
+            yield
+        return
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    with functorch_config.patch(enable_autograd_cache=False), inductor_config.patch(fx_graph_cache=False):
+        yield
 
 
 @functools.cache
