@@ -174,6 +174,7 @@ def test_export_refuses_an_empty_output_directory(tmp_path, monkeypatch, capsys)
 def test_export_bad_arguments_and_failing_factories_exit_2_without_a_traceback(tmp_path, monkeypatch, capsys):
     (tmp_path / "export_factories.py").write_text(
         textwrap.dedent("""
+        import torch
         from trt_subgraph.bench import models
 
         def make():
@@ -181,6 +182,16 @@ def test_export_bad_arguments_and_failing_factories_exit_2_without_a_traceback(t
 
         def boom():
             raise RuntimeError("no model today")
+
+        def oserror():
+            open("/nonexistent/weights.bin")
+
+        class Picky(torch.nn.Module):
+            def forward(self, x):
+                raise ValueError("model forward rejects this")
+
+        def picky():
+            return Picky(), (torch.randn(2),)
     """)
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -190,12 +201,16 @@ def test_export_bad_arguments_and_failing_factories_exit_2_without_a_traceback(t
     cases = [
         (["--onnx", onnx, "--model", "export_factories:make", "--min-block-size", "0"], "'min_block_size' must be"),
         (["--onnx", onnx, "--model", "export_factories:boom"], "export_factories:boom raised RuntimeError: no model"),
-        (["--onnx", str(a_file), "--model", "export_factories:make"], f"--onnx {a_file}: cannot make that folder"),
+        (["--onnx", str(a_file), "--model", "export_factories:make"], f"--onnx {a_file}: cannot write there"),
+        (["--onnx", onnx, "--model", "export_factories:make", "--opset", "99"], "opset must be an int from 13 to"),
+        (["--onnx", onnx, "--model", "export_factories:oserror"], "export_factories:oserror raised FileNotFoundError"),
     ]
     for argv, message in cases:
         assert main(["export", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+    assert main(["export", "--onnx", onnx, "--model", "export_factories:picky"]) == 3  # the model failed
+    assert "ValueError: model forward rejects this" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("xdg", ["relative/xdg", "absolute"])

@@ -498,6 +498,8 @@ def test_check_onnx_reads_weights_fed_through_a_transpose_as_export_onnx_writes_
     )
     (row,) = sp.check_onnx(helper.make_model(graph)).rows
     assert row.pattern_ok and row.shape == (8, 16)
+    graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.zeros((0, 16), np.float32), "w"))
+    assert sp.check_onnx(helper.make_model(graph)).rows == ()  # no elements, nothing to judge
 
 
 def test_check_onnx_bad_input(tmp_path):

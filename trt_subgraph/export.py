@@ -36,6 +36,16 @@ INDEX_FORMAT = 2
 REFIT_SCRIPT = "trt_refit.py"
 
 
+def check_opset(opset: Any) -> None:
+    """ValueError unless `opset` is an int from 13 (the oldest torch.onnx exports) to the newest
+    the installed onnx package knows (``onnx.defs.onnx_opset_version()``)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not 13 <= opset <= newest:
+        raise ValueError(f"trt_subgraph: opset must be an int from 13 to {newest} (this onnx's newest), got {opset!r}")
+
+
 def export_onnx(
     model: torch.nn.Module,
     *example_inputs: Any,
@@ -55,13 +65,13 @@ def export_onnx(
     run in ``out_dir``.
 
     ``options`` go to :func:`trt_subgraph.capture` (backend options such as ``min_block_size``).
-    Raises ValueError for an opset below 13 or symbolic shapes, ImportError without onnxscript.
+    Raises ValueError for an opset outside :func:`check_opset`'s range or symbolic shapes,
+    ImportError without onnxscript.
     """
     from . import __version__
     from .capturing import capture
 
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 13:
-        raise ValueError(f"trt_subgraph: opset must be an int >= 13, got {opset!r}")
+    check_opset(opset)
     _require_onnxscript()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -681,11 +681,21 @@ def _earlier_results(path: Path) -> dict[str, Any]:
     """The results file that --append adds to; ValueError when it is not one this tool wrote."""
     try:
         data = json.loads(path.read_text())
-        if isinstance(data["meta"]["config"], dict) and isinstance(data["results"], list):
+        meta, rows = data["meta"], data["results"]
+        if (
+            isinstance(meta["config"], dict)
+            and isinstance(meta["config"]["models"], list)
+            and isinstance(meta.get("commands", []), list)
+            and isinstance(rows, list)
+            and all(isinstance(r, dict) and {"model", "backend"} <= r.keys() for r in rows)
+        ):
             return data
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--append: {path} is not a results file of this tool ({type(e).__name__}: {e})") from None
-    raise ValueError(f"--append: {path} is not a results file of this tool (no meta.config or results list)")
+    raise ValueError(
+        f"--append: {path} is not a results file of this tool (it needs meta.config.models, and results "
+        "rows with model and backend)"
+    )
 
 
 def check_appendable(old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@ command runs.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -314,8 +316,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out is not None:
         try:  # before the first case, whose results would otherwise have nowhere to go
             cfg.out.mkdir(parents=True, exist_ok=True)
+            if not os.access(cfg.out, os.W_OK | os.X_OK) or (cfg.out / "results.json").is_dir():
+                raise PermissionError(errno.EACCES, "not writable, or results.json there is a folder")
         except OSError as e:
-            print(f"error: --out {cfg.out}: cannot make that folder ({e.strerror or e})", file=sys.stderr)
+            print(f"error: --out {cfg.out}: cannot write there ({e.strerror or e})", file=sys.stderr)
             return 2
     try:
         data = run_sweep(cfg)

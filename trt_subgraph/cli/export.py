@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ of it per instance (TensorRT's ONNX refitter, which matches initializers by name
 The factory is called without arguments and returns (model, example_inputs); its module is
 looked up on the import path and in the current directory.
 
-Exit status: 0 when written; 2 on bad arguments, an --onnx that cannot be made a folder, or a
-factory that fails; 3 when compiling or exporting the model fails."""
+Exit status: 0 when written; 2 on bad arguments, an --onnx folder that cannot be made or written,
+or a factory that fails; 3 when compiling or exporting the model fails."""
 
 
 def add_cli(subparsers: Any) -> None:
@@ -70,7 +72,7 @@ def model_and_inputs(spec: str) -> tuple[Any, tuple]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_onnx
+    from ..export import check_opset, export_onnx
     from ..options import Options
 
     if not args.onnx.strip():
@@ -82,14 +84,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.onnx)
     try:
         Options.from_user({"min_block_size": args.min_block_size})
-        out.mkdir(parents=True, exist_ok=True)
-        model, inputs = model_and_inputs(args.model)
-    except OSError as exc:
-        print(
-            f"trt-subgraph export: error: --onnx {out}: cannot make that folder ({exc.strerror or exc})",
-            file=sys.stderr,
-        )
+        check_opset(args.opset)
+    except ValueError as exc:
+        print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as exc:
+        print(f"trt-subgraph export: error: --onnx {out}: cannot write there ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    try:
+        model, inputs = model_and_inputs(args.model)
     except (ValueError, TypeError, ImportError) as exc:
         print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
         return 2
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         index = export_onnx(model, *inputs, out_dir=out, opset=args.opset, min_block_size=args.min_block_size)
-    except (ValueError, TypeError) as exc:
+    except ImportError as exc:  # onnxscript missing
         print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the arguments were checked: the model failed

@@ -586,6 +586,9 @@ def check_onnx(path_or_model: Any) -> SparsityTable:
         if (node.op_type == "MatMul" or flip) and len(tensor.dims) != 2:
             log.debug("skipped %s weight %r: %d-D, not 2-D", node.op_type, src, len(tensor.dims))
             continue
+        if 0 in tensor.dims:
+            log.debug("skipped %s weight %r: no elements (dims %s)", node.op_type, src, list(tensor.dims))
+            continue
         weight = _tensor_to_torch(src, tensor, dtypes)
         if weight is None:
             continue
