@@ -9,12 +9,14 @@ commands import what they need when they run.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["HelpFormatter", "add_command", "build_parser", "main"]
+__all__ = ["HelpFormatter", "add_command", "build_parser", "main", "make_writable_folder"]
 
 _SUBCOMMANDS = ("cache", "sparsity", "export", "compare", "bench")
 
@@ -38,6 +40,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand's parser, formatted like the main one."""
     return subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+def make_writable_folder(path: Path) -> None:
+    """Make `path` a folder (with its parents) that this process can write into, before a
+    command's work, whose output would otherwise have nowhere to go; OSError when it cannot."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:

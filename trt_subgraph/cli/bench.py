@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import HelpFormatter, add_command
+from . import HelpFormatter, add_command, make_writable_folder
 
 DESCRIPTION = """\
 Benchmark compile time, latency, memory and accuracy of torch.compile backends on
@@ -314,10 +313,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: --append needs --out", file=sys.stderr)
         return 2
     if cfg.out is not None:
-        try:  # before the first case, whose results would otherwise have nowhere to go
-            cfg.out.mkdir(parents=True, exist_ok=True)
-            if not os.access(cfg.out, os.W_OK | os.X_OK) or (cfg.out / "results.json").is_dir():
-                raise PermissionError(errno.EACCES, "not writable, or results.json there is a folder")
+        try:
+            make_writable_folder(cfg.out)
+            if (cfg.out / "results.json").is_dir():
+                raise IsADirectoryError(errno.EISDIR, "results.json there is a folder")
         except OSError as e:
             print(f"error: --out {cfg.out}: cannot write there ({e.strerror or e})", file=sys.stderr)
             return 2

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_command
+from . import add_command, make_writable_folder
 
 DESCRIPTION = """\
 Write each unique subgraph of a model as one ONNX file and every instance's weights, for building
@@ -55,7 +53,9 @@ def add_cli(subparsers: Any) -> None:
 
 
 def model_and_inputs(spec: str) -> tuple[Any, tuple]:
-    """Call the factory ``spec`` names and return its ``(model, example_inputs)``."""
+    """Call the factory ``spec`` names and return its ``(model, example_inputs)``. Raises what
+    ``load_factory`` raises, TypeError for a factory that takes arguments or returns something
+    else, and ValueError naming the factory for anything else it raised."""
     import torch
 
     from .factory import load_factory
@@ -65,6 +65,8 @@ def model_and_inputs(spec: str) -> tuple[Any, tuple]:
         result = factory()
     except TypeError as exc:
         raise TypeError(f"trt_subgraph: {spec} must be callable without arguments ({exc})") from exc
+    except Exception as exc:  # the user's factory failed
+        raise ValueError(f"{spec} raised {type(exc).__name__}: {exc}") from exc
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise TypeError(f"trt_subgraph: {spec} must return (model, example_inputs), got {type(result).__name__}")
     model, inputs = result
@@ -89,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
         return 2
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable")
+        make_writable_folder(out)
     except OSError as exc:
         print(f"trt-subgraph export: error: --onnx {out}: cannot write there ({exc.strerror or exc})", file=sys.stderr)
         return 2
@@ -99,9 +99,6 @@ def run(args: argparse.Namespace) -> int:
         model, inputs = model_and_inputs(args.model)
     except (ValueError, TypeError, ImportError) as exc:
         print(f"trt-subgraph export: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the user's factory raised
-        print(f"trt-subgraph export: error: {args.model} raised {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     try:
         index = export_onnx(model, *inputs, out_dir=out, opset=args.opset, min_block_size=args.min_block_size)
