@@ -277,6 +277,38 @@ def test_dynamic_conv_blocks_behind_strided_convolutions_build_and_match_eager()
     assert totals["fallbacks"] == 0 and totals["builds"] == totals["unique_subgraphs"], totals
 
 
+class UpsampledSkip(nn.Module):
+    """A U-Net step: a strided convolution, and its output interpolated back to the skip's size
+    (the scales are size ratios: SymFloats under dynamic shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.stem(x))
+        up = F.interpolate(torch.relu(self.down(skip)), size=skip.shape[-2:], mode="nearest")
+        return self.fuse(torch.cat([skip, up], 1))
+
+
+def test_an_interpolation_to_a_symbolic_size_builds_and_its_artifact_is_kept(caplog):
+    """The piece reads the size arithmetic that computes the scales, not the SymFloats: with
+    them it failed to build (its symbols bound by no input) or, compiled anyway, could not be
+    serialized."""
+    torch.manual_seed(0)
+    model = UpsampledSkip().eval()
+    fn = compiled(model, dynamic=True, build_workers=0)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="trt_subgraph"):
+        for batch, height, width in [(2, 16, 16), (1, 17, 13), (3, 31, 8)]:
+            x = torch.randn(batch, 3, height, width)
+            torch.testing.assert_close(fn(x), model(x), **TOL)
+    totals = trt_subgraph.last_report().totals
+    assert totals["fallbacks"] == 0 and totals["builds"] + totals["disk_hits"] == totals["unique_subgraphs"], totals
+    assert not [r for r in caplog.records if r.name.startswith("trt_subgraph")], caplog.text
+
+
 def test_a_symbolic_build_never_takes_another_compiles_code_from_inductors_cache():
     """Two strided convolutions without padding: the first call's sizes leave the second conv's
     output 1 high, so its piece is compiled with guards; Dynamo recompiles at a larger size and

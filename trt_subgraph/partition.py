@@ -8,13 +8,14 @@ back would have to leave the run, and a run has nothing before its end to come b
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 
 import torch.fx
 
 from ._compat import CapabilityBasedPartitioner, OperatorSupportBase
-from .fx_utils import label_runs
+from .fx_utils import is_size_arithmetic, label_runs
 
 # Ops that move no data: a piece made of these alone is not worth an engine call.
 _NON_COMPUTE = {
@@ -64,3 +65,34 @@ def find_pieces(
                 pieces.append(nodes)
     pieces.sort(key=lambda nodes: order[nodes[0]])
     return pieces
+
+
+def with_float_sizes(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """`nodes` (a piece, in graph order) plus copies of the size arithmetic that computes the
+    SymFloats they read, such as an interpolation's scale (``h_out / h``), in graph order.
+
+    A piece of a dynamic graph is compiled on size symbols of its own (`trt_subgraph.symbolic`),
+    bound from its inputs' sizes and SymInts. A SymFloat input binds none, and inductor's cache
+    cannot key a graph that takes one, so its artifact could not be kept. With the arithmetic
+    copied in, the piece takes the sizes themselves; the originals stay for other readers."""
+    inside = set(nodes)
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def copy_of(value: torch.fx.Node, reader: torch.fx.Node) -> torch.fx.Node:
+        if value in inside or not (isinstance(value.meta.get("val"), torch.SymFloat) and is_size_arithmetic(value)):
+            return value
+        if value not in copies:
+            with gm.graph.inserting_before(reader):  # its own float arguments are copied first
+                copies[value] = gm.graph.node_copy(value, lambda arg: copy_of(arg, reader))
+        return copies[value]
+
+    for node in nodes:
+        read = functools.partial(copy_of, reader=node)
+        node.args, node.kwargs = torch.fx.map_arg(node.args, read), torch.fx.map_arg(node.kwargs, read)
+    if not copies:
+        return nodes
+    for original in reversed(copies):  # readers before what they read
+        if not original.users:
+            gm.graph.erase_node(original)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(inside | set(copies.values()), key=order.__getitem__)

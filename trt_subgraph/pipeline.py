@@ -30,7 +30,7 @@ from .fingerprint import UnhashableArgument
 from .fx_utils import is_size_arithmetic, output_node, placeholders
 from .inputs import InputSource, input_sources
 from .options import Options
-from .partition import find_pieces
+from .partition import find_pieces, with_float_sizes
 from .report import Report, SubgraphRecord, record
 from .sparse import runtime as sparse_runtime
 from .split import assign_blocks, inline_invoke_subgraphs
@@ -285,6 +285,7 @@ class Compilation:
         """`owner`: the path of `gm` below the lowered graph (a cond branch), '' for the graph.
         `fresh`: where given, gets the piece's :func:`trt_subgraph.collectives.fresh_outputs`."""
         name = f"piece_{number}"
+        nodes = with_float_sizes(gm, nodes)
         sub_gm, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, always_return_tuple=True)
         if fresh is not None:
             fresh[name] = fresh_outputs(sub_gm)
