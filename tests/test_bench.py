@@ -528,6 +528,9 @@ def test_cpu_defaults_are_small_and_cuda_defaults_are_the_gpu_benchmark_sizes():
         (["--depths", "2,x"], "--depths must be comma-separated positive ints"),
         (["--trt-options", "engine"], "expected key=value pairs"),
         (["--device", "tpu"], "allowed: cpu, cuda, cuda:N"),
+        (["--device", "cuda:x"], "unknown device 'cuda:x'; allowed: cpu, cuda, cuda:N"),
+        (["--device", "cpu:0"], "unknown device 'cpu:0'; allowed: cpu, cuda, cuda:N"),
+        (["--depths", "1,,2"], "--depths must be comma-separated positive ints, got '1,,2'"),
         (["--runs", "0"], "runs must be >= 1"),
         (["--models", "mlp", "--depths", "2,4"], "--depths does not apply to mlp"),
         (["--timeout", "inf"], "timeout must be a positive number of seconds, got inf"),
@@ -766,9 +769,14 @@ def test_make_inputs_gives_builds_inputs_at_any_size_from_the_same_generator():
         (["--seqs", "8,16", "--seq", "8"], "--seqs and --seq exclude each other"),
         (["--batches", "1,2", "--seqs", "8,16"], "--batches and --seqs exclude each other"),
         (["--batches", "1,x"], "--batches must be comma-separated positive ints, got '1,x'"),
-        (["--batches", "0,2"], "--batches must be comma-separated positive ints, got [0, 2]"),
+        (["--batches", "0,2"], "--batches must be comma-separated positive ints, got '0,2'"),
         (["--batches", "1,2,1"], "--batches lists a size twice: [1, 2, 1]"),
         (["--seqs", "8,16", "--models", "encoder,vit"], "--seqs applies to models with a sequence length"),
+        (["--seq", "8", "--models", "vit,resnet"], "--seq sizes encoder, decoder and --model factories, none of"),
+        (
+            ["--image", "64", "--models", "encoder"],
+            "--image sizes vit, resnet, efficientnet, mobilenetv3, convnext and",
+        ),
     ],
 )
 def test_bad_size_sweeps_exit_2_with_a_clear_message(argv, message, capsys):

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -146,7 +147,7 @@ class Config:
             check_backend(b)
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError(f"unknown device {self.device!r}; allowed: cpu, cuda, cuda:N")
         for key, least in (("repeats", 1), ("warmup", 0), ("runs", 1)):
             v = getattr(self, key)
@@ -187,6 +188,10 @@ class Config:
                 raise ValueError(f"--{key} must be comma-separated positive ints, got {sizes}")
             if len(set(sizes)) != len(sizes):
                 raise ValueError(f"--{key} lists a size twice: {sizes}; each size is called once, in order")
+        for key in ("seq", "image"):
+            if getattr(self, key) is not None and not any(key in DEFAULTS.get(m, {key: None}) for m in self.models):
+                sized = ", ".join(m for m, sizes in DEFAULTS.items() if key in sizes)
+                raise ValueError(f"--{key} sizes {sized} and --model factories, none of which is given")
         if self.seqs is not None:
             fixed = [m for m in self.models if m in MODELS and m not in ("encoder", "decoder")]
             if fixed:

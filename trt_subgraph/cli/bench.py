@@ -108,25 +108,15 @@ def _items(s: str) -> list[str]:
     return items
 
 
-def _depths(s: str) -> list[int]:
+def _positive_ints(s: str, flag: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] for --depths, --batches and --seqs (order kept: it is the call order)."""
     try:
-        depths = [int(x) for x in _csv(s)]
-    except ValueError:
-        raise ValueError(f"--depths must be comma-separated positive ints, got {s!r}") from None
-    if not depths or min(depths) < 1:
-        raise ValueError(f"--depths must be comma-separated positive ints, got {s!r}")
-    return depths
-
-
-def _size_list(s: str, flag: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3] for --batches / --seqs (order kept: it is the call order)."""
-    try:
-        sizes = [int(x) for x in _csv(s)]
+        values = [int(x) for x in s.split(",")]
     except ValueError:
         raise ValueError(f"{flag} must be comma-separated positive ints, got {s!r}") from None
-    if not sizes:
+    if min(values) < 1:
         raise ValueError(f"{flag} must be comma-separated positive ints, got {s!r}")
-    return sizes
+    return values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -270,13 +260,13 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
         backends=_csv(args.backends),
         device=device,
         dtype=args.dtype or ("float16" if cuda else "float32"),
-        depths=_depths(args.depths) if args.depths is not None else None,
+        depths=_positive_ints(args.depths, "--depths") if args.depths is not None else None,
         width=args.width,
         batch=args.batch,
         seq=args.seq,
         image=args.image,
-        batches=_size_list(args.batches, "--batches") if args.batches is not None else None,
-        seqs=_size_list(args.seqs, "--seqs") if args.seqs is not None else None,
+        batches=_positive_ints(args.batches, "--batches") if args.batches is not None else None,
+        seqs=_positive_ints(args.seqs, "--seqs") if args.seqs is not None else None,
         dynamic=args.dynamic,
         model_kwargs=parse_kv(args.model_kwargs),
         repeats=args.repeats if args.repeats is not None else (100 if cuda else 20),
