@@ -309,6 +309,28 @@ def test_an_interpolation_to_a_symbolic_size_builds_and_its_artifact_is_kept(cap
     assert not [r for r in caplog.records if r.name.startswith("trt_subgraph")], caplog.text
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_only_symbolic_builds_compile_under_cache_keys_of_their_own(dynamic, monkeypatch):
+    """A static build keeps inductor's cache keys: they also key what its Triton kernels learn by
+    autotuning at their first run, which a key of its own hid from every later process."""
+    import torch._inductor
+
+    tags = []
+    real = torch._inductor.standalone_compile
+
+    def recording(*args, **kwargs):
+        tags.append(torch.compiler.config.cache_key_tag)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", recording)
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        x = torch.randn(2, 12, 16)
+        torch.testing.assert_close(compiled(model, dynamic=dynamic, build_workers=0)(x), model(x), **TOL)
+    assert tags and all(bool(tag) == dynamic for tag in tags), tags
+
+
 def test_a_symbolic_build_never_takes_another_compiles_code_from_inductors_cache():
     """Two strided convolutions without padding: the first call's sizes leave the second conv's
     output 1 high, so its piece is compiled with guards; Dynamo recompiles at a larger size and

@@ -158,6 +158,10 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
     on_cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in example_inputs)
     aot = {"aot": True} if aot_artifacts() else {}
     options = {"config_patches": {"triton.autotune_at_compile_time": False}}
+    # Only symbolic compiles keep out of inductor's caches: a static compile's code is right for
+    # whatever compile its cache key matches, and a key of its own would also key its kernels'
+    # autotuning results, so that no other process ever found them.
+    own_cache_keys = _unshared_inductor_cache_keys() if fake_mode is not None else contextlib.nullcontext()
     if fake_mode is None and any(isinstance(x, FakeTensor) for x in example_inputs):
         # Static fake inputs of another fake mode (the caller's aot_autograd trace): torch 2.13
         # copies them into the fresh mode that "from_graph" compiles in; 2.8 to 2.10 assert that
@@ -173,7 +177,7 @@ def standalone_compile(gm: torch.fx.GraphModule, example_inputs: list, fake_mode
     with pinned_cpu_vec_isa() if on_cpu else contextlib.nullcontext(), unset_fake_temporarily():
         if fake_mode is None:
             return _standalone_compile(gm, example_inputs, dynamic_shapes="from_graph", options=options, **aot)
-        with tracing(TracingContext(fake_mode)), _unshared_inductor_cache_keys():
+        with tracing(TracingContext(fake_mode)), own_cache_keys:
             return _standalone_compile(
                 gm, example_inputs, dynamic_shapes="from_tracing_context", options=options, **aot
             )
