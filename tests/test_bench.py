@@ -14,7 +14,11 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -1063,3 +1067,40 @@ def test_first_call_is_timed_from_the_compile_call(monkeypatch):
     assert res["status"] == "ok", res.get("error")
     assert res["compile_call_s"] >= 0.4
     assert res["first_call_s"] >= res["compile_call_s"]
+
+
+_TERMINATED_BENCH = r"""
+import sys
+from trt_subgraph.bench import runner
+
+case = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
+with runner.sigterm_as_exit():
+    runner.run_in_own_session([sys.executable, "-c", case, sys.argv[1]], timeout=600)
+"""
+
+
+def test_a_terminated_bench_stops_the_case_it_runs(tmp_path):
+    """`timeout`, a scheduler or `kill` sends the bench SIGTERM; its case, in a session of its
+    own, outlived it and kept its memory (a model being built, say)."""
+    pid_file = tmp_path / "case.pid"
+    bench = subprocess.Popen([sys.executable, "-c", _TERMINATED_BENCH, str(pid_file)])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline and bench.poll() is None, "the case never started"
+        time.sleep(0.05)
+    case = int(pid_file.read_text())
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while _alive(case):
+        assert time.monotonic() < deadline, f"the case (pid {case}) outlived the bench"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (Linux); a zombie, killed and not yet reaped by its new parent, does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -24,6 +24,7 @@ every case process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,6 +309,25 @@ def _signal_session(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except ProcessLookupError:  # the session has ended
         pass
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``timeout``, a job scheduler, ``kill``) raises SystemExit in the main thread, so
+    that :func:`run_in_own_session` stops the case running in its session: by default the
+    signal ends this process at once and the case, in a session of its own, outlives it."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_in_own_session(

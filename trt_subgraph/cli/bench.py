@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from trt_subgraph.bench import output
-    from trt_subgraph.bench.runner import run_sweep
+    from trt_subgraph.bench.runner import run_sweep, sigterm_as_exit
 
     if cfg.append and cfg.out is None:
         print("error: --append needs --out", file=sys.stderr)
@@ -311,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --out {cfg.out}: cannot write there ({e.strerror or e})", file=sys.stderr)
             return 2
     try:
-        data = run_sweep(cfg)
+        with sigterm_as_exit():
+            data = run_sweep(cfg)
     except ValueError as e:  # --append onto incompatible results
         print(f"error: {e}", file=sys.stderr)
         return 2
