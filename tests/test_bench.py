@@ -534,6 +534,9 @@ def test_cpu_defaults_are_small_and_cuda_defaults_are_the_gpu_benchmark_sizes():
         (["--device", "tpu"], "allowed: cpu, cuda, cuda:N"),
         (["--device", "cuda:x"], "unknown device 'cuda:x'; allowed: cpu, cuda, cuda:N"),
         (["--device", "cpu:0"], "unknown device 'cpu:0'; allowed: cpu, cuda, cuda:N"),
+        (["--device", "cuda:01"], "unknown device 'cuda:01'; allowed: cpu, cuda, cuda:N"),
+        (["--device", ""], "unknown device ''; allowed: cpu, cuda, cuda:N"),
+        (["--model", "trt_subgraph:"], "expected 'package.module:factory'"),
         (["--depths", "1,,2"], "--depths must be comma-separated positive ints, got '1,,2'"),
         (["--runs", "0"], "runs must be >= 1"),
         (["--models", "mlp", "--depths", "2,4"], "--depths does not apply to mlp"),
@@ -1074,7 +1077,7 @@ import sys
 from trt_subgraph.bench import runner
 
 case = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
-with runner.sigterm_as_exit():
+with runner.stop_signals_as_exit():
     runner.run_in_own_session([sys.executable, "-c", case, sys.argv[1]], timeout=600)
 """
 
@@ -1104,3 +1107,9 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_a_gpu_this_machine_lacks_is_refused_before_any_case_runs(capsys):
+    assert cli.main(["--device", "cuda:1", "--models", "mlp", "--backends", "eager"]) == 2
+    assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err

@@ -51,6 +51,7 @@ from trt_subgraph.bench import output
 from trt_subgraph.bench._case import MARKER
 from trt_subgraph.bench.backends import check_backend
 from trt_subgraph.bench.models import DEFAULTS, DTYPES, MODELS
+from trt_subgraph.cli.factory import check_factory_spec
 from trt_subgraph.options import Options
 from trt_subgraph.workers import DROP_WORKING_DIRECTORY, with_import_path
 
@@ -143,13 +144,15 @@ class Config:
         for m in self.models:
             if m not in MODELS and ":" not in m:
                 raise ValueError(f"unknown model {m!r}; allowed: {', '.join(MODELS)}, or package.module:factory")
+            if m not in MODELS:
+                check_factory_spec(m)
         if not self.backends:
             raise ValueError("no backends given")
         for b in self.backends:
             check_backend(b)
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
-        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
+        if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]{0,3}))?", self.device):
             raise ValueError(f"unknown device {self.device!r}; allowed: cpu, cuda, cuda:N")
         for key, least in (("repeats", 1), ("warmup", 0), ("runs", 1)):
             v = getattr(self, key)
@@ -312,21 +315,23 @@ def _signal_session(pid: int, sig: int) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM (``timeout``, a job scheduler, ``kill``) raises SystemExit in the main thread, so
-    that :func:`run_in_own_session` stops the case running in its session: by default the
-    signal ends this process at once and the case, in a session of its own, outlives it."""
+def stop_signals_as_exit() -> Iterator[None]:
+    """SIGTERM (``timeout``, a job scheduler, ``kill``) and SIGHUP (a closed terminal) raise
+    SystemExit in the main thread, so that :func:`run_in_own_session` stops the case running in
+    its session: by default either signal ends this process at once and the case, in a session
+    of its own, outlives it."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live there
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
+def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 

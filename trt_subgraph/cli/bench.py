@@ -252,7 +252,7 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
 
     from trt_subgraph.bench.runner import Config
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     models = _csv(args.models) if args.models is not None else ([] if args.model else ["encoder"])
     return Config(
@@ -287,17 +287,32 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
     )
 
 
+def _check_gpu(device: str) -> None:
+    """ValueError where `device` (``cuda`` or ``cuda:N``) names no GPU this torch sees: every
+    case would fail the same way."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table; 2 on bad arguments, 1 when every case failed, else 0
     (a failed case is a row: one backend that is not installed does not fail a sweep)."""
     command = getattr(args, "bench_command", None) or f"trt-subgraph {shlex.join(sys.argv[1:])}"
     try:
         cfg = config_from_args(args, command)
+        _check_gpu(cfg.device)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from trt_subgraph.bench import output
-    from trt_subgraph.bench.runner import run_sweep, sigterm_as_exit
+    from trt_subgraph.bench.runner import run_sweep, stop_signals_as_exit
 
     if cfg.append and cfg.out is None:
         print("error: --append needs --out", file=sys.stderr)
@@ -311,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --out {cfg.out}: cannot write there ({e.strerror or e})", file=sys.stderr)
             return 2
     try:
-        with sigterm_as_exit():
+        with stop_signals_as_exit():
             data = run_sweep(cfg)
     except ValueError as e:  # --append onto incompatible results
         print(f"error: {e}", file=sys.stderr)

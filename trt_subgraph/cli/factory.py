@@ -12,7 +12,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["load_factory"]
+__all__ = ["check_factory_spec", "load_factory"]
+
+
+def check_factory_spec(spec: str) -> tuple[str, str]:
+    """(module, attribute) of ``package.module:factory``; ValueError for a spec of another form.
+    Nothing is imported (the bench imports the module in each case's process)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"--model {spec!r}: expected 'package.module:factory' (a callable returning (model, example_inputs))"
+        )
+    return module_name, attr
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
@@ -21,11 +32,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
     Raises ValueError for a spec of another form or one that names no callable; the module's
     own import errors propagate.
     """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(
-            f"--model {spec!r}: expected 'package.module:factory' (a callable returning (model, example_inputs))"
-        )
+    module_name, attr = check_factory_spec(spec)
     _with_working_directory()
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
