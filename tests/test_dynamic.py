@@ -22,6 +22,7 @@ from trt_subgraph.engines.base import ACTIVATION, SYMINT
 from trt_subgraph.engines.inductor import Guarded, GuardedRunner, InductorEngine
 from trt_subgraph.fingerprint import fingerprint
 from trt_subgraph.options import Options
+from trt_subgraph.report import SubgraphRecord
 from trt_subgraph.runtime import BatchPadding
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -358,12 +359,39 @@ def test_guarded_runner_runs_pytorch_where_the_guards_fail(caplog):
         gm = staticmethod(lambda x, n: ("pytorch", n))
 
     runner = GuardedRunner(Guarded(lambda x, n: ("engine", n), "L['t1'] <= 4096 and 2 <= L['t0'].size()[0]"), Sub())
+    record = SubgraphRecord(fingerprint=Sub.fingerprint, nodes=1)
+    runner.watch(record)
     x = torch.zeros(3, 2)
     assert runner(x, 4096) == ("engine", 4096)
     caplog.set_level(logging.WARNING, logger="trt_subgraph")
     assert runner(x, 5000) == ("pytorch", 5000) and runner(x, 6000) == ("pytorch", 6000)
-    assert runner(torch.zeros(1, 2), 8) == ("pytorch", 8)
+    assert runner(torch.zeros(1, 2), 8) == ("pytorch", 8) and runner(x, 5000) == ("pytorch", 5000)
     assert sum("outside it" in r.getMessage() for r in caplog.records) == 1
+    assert record.outside_guards == ["3x2, 5000", "3x2, 6000", "1x2, 8"]  # input sizes, each once
+
+
+def test_the_report_counts_the_sizes_a_guarded_piece_ran_in_pytorch():
+    """A stride-2 convolution and a ceil_mode pooling behind it: the build assumes the parity
+    of the input sizes, so other sizes run in PyTorch (right, and slower); the report says so."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(4, 4, 3, stride=2), nn.AvgPool2d(3, 2, ceil_mode=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.pool(self.conv(x))) * 2
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block()).eval()
+    fn = compiled(model, dynamic=True, build_workers=0)
+    with torch.no_grad():
+        for height, width in [(64, 64), (71, 70), (100, 67), (57, 93), (128, 128)]:
+            x = torch.randn(2, 4, height, width)
+            torch.testing.assert_close(fn(x), model(x), **TOL)
+    report = trt_subgraph.last_report()
+    assert report.totals["fallbacks"] == 0 and report.totals["outside_guards"] > 0, report.totals
+    assert "input sizes outside its guards" in str(report)
 
 
 def test_a_guard_the_build_adds_is_kept_checked_and_saved(tmp_path, monkeypatch, caplog):

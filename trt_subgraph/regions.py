@@ -539,7 +539,8 @@ def _merge_reports(engine, engine_reason, method, labels, instances, lowered, sp
                 records[(rec.fingerprint, rec.variant)] = dataclasses.replace(rec, instances=rec.instances * count)
             else:
                 merged.instances += rec.instances * count
-                rec.demotions = merged.demotions  # one list: run-time demotions of either show
+                rec.demotions = merged.demotions  # one list each: what either records at run time shows
+                rec.outside_guards = merged.outside_guards
         for op, n in result.report.fallback_ops.items():
             fallback_ops[op] = fallback_ops.get(op, 0) + n * count
         for region, shared in instances:

@@ -42,6 +42,9 @@ class SubgraphRecord:
     # Filled while the model runs: one error message per piece whose engine failed on inputs
     # that PyTorch runs (that piece runs in PyTorch from then on).
     demotions: list[str] = dataclasses.field(default_factory=list)
+    # Filled while the model runs: the input sizes (each once, as "2x4x71x70, 8") at which the
+    # pieces of a subgraph compiled with size guards ran in PyTorch, being outside the guards.
+    outside_guards: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,6 +91,7 @@ class Report:
             "received": count("received"),
             "worker_builds": sum(1 for s in self.subgraphs if s.status == "built" and s.worker),
             "demotions": sum(len(s.demotions) for s in self.subgraphs),
+            "outside_guards": sum(len(s.outside_guards) for s in self.subgraphs),
             "reuses": instances - builds - unbuilt,
             "fallback_nodes": sum(self.fallback_ops.values()),
             "build_s": round(sum(s.build_s for s in self.subgraphs), 4),
@@ -129,6 +133,8 @@ class Report:
             note = f"  {s.error}" if s.error else ""
             if s.demotions:
                 note += f"  demoted at run time: {len(s.demotions)} ({s.demotions[-1]})"
+            if s.outside_guards:
+                note += f"  in PyTorch at {len(s.outside_guards)} input sizes outside its guards"
             variant = f"  variant {s.variant}" if s.variant else ""
             variant += f"  rank {s.rank}" if s.rank is not None else ""
             lines.append(

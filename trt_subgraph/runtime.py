@@ -44,14 +44,17 @@ class PieceRunner(torch.nn.Module):
         super().__init__()
         self.fingerprint = sub.fingerprint
         self.canonical = sub.gm
-        self.runner = runner
         self.record = record
         self.module_path = module_path
+        self.bind(runner)
 
     def bind(self, runner: Callable[..., Any]) -> None:
-        """Run `runner` from the next call on (the engine's, once its artifact is there)."""
+        """Run `runner` from the next call on (the engine's, once its artifact is there). A
+        runner with a ``watch(record)`` method reports into the record what it runs elsewhere."""
         self._modules.pop("runner", None)  # a module runner (PyTorch's) is a child module
         self.runner = runner
+        if self.record is not None and hasattr(runner, "watch"):
+            runner.watch(self.record)
 
     def forward(self, *args: Any) -> tuple:
         try:

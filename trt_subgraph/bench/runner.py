@@ -141,11 +141,10 @@ class Config:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("no models given; built-in: " + ", ".join(MODELS) + ", or package.module:factory")
-        for m in self.models:
-            if m not in MODELS and ":" not in m:
+        for m in (m for m in self.models if m not in MODELS):
+            if ":" not in m:
                 raise ValueError(f"unknown model {m!r}; allowed: {', '.join(MODELS)}, or package.module:factory")
-            if m not in MODELS:
-                check_factory_spec(m)
+            check_factory_spec(m)
         if not self.backends:
             raise ValueError("no backends given")
         for b in self.backends:

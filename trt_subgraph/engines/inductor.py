@@ -312,7 +312,9 @@ class Guarded:
 
 class GuardedRunner:
     """Runs a :class:`Guarded` artifact where its guards hold and the canonical subgraph in
-    PyTorch elsewhere (warned once per fingerprint): correct for every size in range."""
+    PyTorch elsewhere (warned once per fingerprint): correct for every size in range. Each
+    input size it runs in PyTorch counts once in the ``outside_guards`` of the report entries
+    it was shown (:meth:`watch`)."""
 
     def __init__(self, artifact: Guarded, sub: CanonicalSubgraph) -> None:
         self.compiled = artifact.compiled
@@ -320,10 +322,20 @@ class GuardedRunner:
         self.check = _compat.guards_checker(artifact.guards)
         self.canonical = sub.gm
         self.fingerprint = sub.fingerprint
+        self.records: list[Any] = []
+        self.outside: set[str] = set()
+
+    def watch(self, record: Any) -> None:
+        self.records.append(record)
 
     def __call__(self, *args: Any) -> Any:
         if self.check(list(args)):
             return self.compiled(*args)
+        sizes = ", ".join("x".join(map(str, a.shape)) if isinstance(a, torch.Tensor) else str(a) for a in args)
+        if sizes not in self.outside:
+            self.outside.add(sizes)
+            for entries in {id(r.outside_guards): r.outside_guards for r in self.records}.values():
+                entries.append(sizes)  # records may share one list (a graph's report merges regions')
         warn_once(
             log,
             ("guards", self.fingerprint),
