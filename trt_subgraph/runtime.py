@@ -44,15 +44,19 @@ class PieceRunner(torch.nn.Module):
         super().__init__()
         self.fingerprint = sub.fingerprint
         self.canonical = sub.gm
+        self.runner = runner
         self.record = record
         self.module_path = module_path
-        self.bind(runner)
+        self._show_record(runner)
 
     def bind(self, runner: Callable[..., Any]) -> None:
-        """Run `runner` from the next call on (the engine's, once its artifact is there). A
-        runner with a ``watch(record)`` method reports into the record what it runs elsewhere."""
+        """Run `runner` from the next call on (the engine's, once its artifact is there)."""
         self._modules.pop("runner", None)  # a module runner (PyTorch's) is a child module
         self.runner = runner
+        self._show_record(runner)
+
+    def _show_record(self, runner: Callable[..., Any]) -> None:
+        """A runner with a ``watch(record)`` method reports into the record what it runs elsewhere."""
         if self.record is not None and hasattr(runner, "watch"):
             runner.watch(self.record)
 
